@@ -1,0 +1,340 @@
+"""The recipe schema and its loading: YAML file + `--set` overrides -> a validated `Recipe`.
+
+Only pydantic and PyYAML are imported here, so `llmtune validate` answers without touching torch.
+Relative paths written in the recipe file resolve against the recipe's folder; relative paths given
+with `--set` resolve against the current directory (where the user typed them).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmtune.errors import UserError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    """Where the model comes from: a hub id / local directory, or a config to build from scratch."""
+
+    pretrained: str | None = Field(None, description="Hub id or local model directory (from_pretrained).")
+    from_scratch: str | dict[str, Any] | None = Field(
+        None, description="A config.json path (e.g. configs/models/gpt2-tiny.json) or inline config keys."
+    )
+    config: dict[str, Any] = Field(default_factory=dict, description="Config keys that override either.")
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.pretrained is None) == (self.from_scratch is None):
+            raise ValueError("set exactly one of model.pretrained or model.from_scratch")
+        return self
+
+
+class TokenizerTrainSpec(Section):
+    """A tokenizer trained on the training split before the model is built."""
+
+    kind: Literal["byte-level-bpe"] = "byte-level-bpe"
+    vocab_size: int = Field(8192, ge=300)
+    min_frequency: int = Field(2, ge=1)
+    special_tokens: list[str] = Field(default_factory=list, description="Extra special tokens to add.")
+
+
+class TokenizerSpec(Section):
+    """The tokenizer: pretrained (defaults to the model's own) or trained from the corpus."""
+
+    pretrained: str | None = None
+    train: TokenizerTrainSpec | None = None
+
+    @model_validator(mode="after")
+    def _not_both(self) -> TokenizerSpec:
+        if self.pretrained is not None and self.train is not None:
+            raise ValueError("set only one of tokenizer.pretrained or tokenizer.train")
+        return self
+
+
+class DataSpec(Section):
+    """The raw data and how it becomes model inputs."""
+
+    source: str | None = Field(None, description="A built-in corpus, e.g. builtin:pydoc.")
+    hub: str | None = Field(None, description="A hub dataset name, e.g. wikitext.")
+    hub_config: str | None = Field(None, description="The hub dataset's config, e.g. wikitext-2-raw-v1.")
+    revision: str | None = None
+    files: dict[str, str | list[str]] | None = Field(
+        None, description="Split name -> file(s): .txt, .json/.jsonl, .csv, .parquet."
+    )
+    text_column: str = "text"
+    train_split: str = "train"
+    validation_split: str = "validation"
+    validation_fraction: float = Field(
+        0.05, gt=0, lt=1, description="Share of training documents carved off when no validation split."
+    )
+    split_seed: int = Field(0, description="Seed of the validation carve-off (independent of train.seed).")
+    block_size: int = Field(256, ge=2)
+    eval_stride: int | None = Field(None, ge=1, description="Sliding-window stride; default block_size.")
+    num_proc: int | None = Field(None, ge=1)
+    cache_dir: str | None = Field(None, description="Tokenised-data cache; default ~/.cache/llmtune.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        given = [k for k in ("source", "hub", "files") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of data.source, data.hub or data.files")
+        if self.source is not None and not self.source.startswith(BUILTIN_PREFIX):
+            raise ValueError(f"data.source must name a built-in corpus such as {BUILTIN_PREFIX}pydoc")
+        if self.eval_stride is not None and self.eval_stride > self.block_size:
+            raise ValueError("data.eval_stride must not exceed data.block_size")
+        return self
+
+
+class OptimizerSpec(Section):
+    """The optimizer; weight decay never applies to biases and normalisation weights."""
+
+    kind: Literal["adamw", "sgd", "adafactor"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0
+    fused: bool | None = Field(None, description="Fused AdamW kernel; default: on where torch has it.")
+
+
+class ScheduleSpec(Section):
+    """Learning-rate schedule with linear warmup."""
+
+    kind: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class EarlyStoppingSpec(Section):
+    """Stop when `metric` has not improved for `patience` evaluations."""
+
+    metric: str = "eval/loss"
+    patience: int = Field(3, ge=1)
+    mode: Literal["min", "max"] | None = Field(None, description="Default: min for loss/perplexity.")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainSpec(Section):
+    """The training loop's settings. `batch_size` is per device."""
+
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 42
+    eval_every: int | None = Field(None, ge=1)
+    eval_max_batches: int | None = Field(None, ge=1, description="Cap on validation batches mid-run.")
+    log_every: int = Field(10, ge=1)
+    save_every: int | None = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+    best_metric: str = "eval/loss"
+    early_stopping: EarlyStoppingSpec | None = None
+    load_best_at_end: bool = True
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSpec:
+        if self.max_steps is None and self.epochs is None:
+            self.epochs = 1.0
+        return self
+
+
+class Bound(Section):
+    """An expected range for one final metric."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> Bound:
+        if self.min is None and self.max is None:
+            raise ValueError("an expect entry needs min, max or both")
+        return self
+
+
+class Recipe(Section):
+    """A whole run: task, model, tokenizer, data, training, expected metrics, output directory."""
+
+    task: Literal["causal-lm"]
+    model: ModelSpec
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    expect: dict[str, Bound] = Field(default_factory=dict)
+    tracking: list[Literal["tensorboard"]] = Field(default_factory=list)
+    output_dir: str = "runs/llmtune"
+
+    @model_validator(mode="after")
+    def _tokenizer_source(self) -> Recipe:
+        if self.model.from_scratch is not None and self.tokenizer == TokenizerSpec():
+            raise ValueError("a from-scratch model needs tokenizer.pretrained or tokenizer.train")
+        return self
+
+
+# Keys whose string values are filesystem paths (dotted, "*" = any key of a mapping).
+_PATH_KEYS = ("model.from_scratch", "data.files.*", "data.cache_dir", "output_dir")
+# Keys that may be a hub id or a local directory: a path only if it looks like one or exists.
+_MAYBE_PATH_KEYS = ("model.pretrained", "tokenizer.pretrained")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one `--set key.path=value`; the value parses exactly like a YAML scalar in the file."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected key.path=value, e.g. --set train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__})") from exc
+    return key.strip().split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any, item: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item}: {'.'.join(path[: i + 1])} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("./", "../", "/", "~")) or value in (".", "..")
+
+
+def _resolve(value: Any, base: Path, maybe: bool) -> Any:
+    if isinstance(value, list):
+        return [_resolve(v, base, maybe) for v in value]
+    if not isinstance(value, str) or value.startswith(BUILTIN_PREFIX):
+        return value
+    expanded = Path(value).expanduser()
+    if expanded.is_absolute():
+        return str(expanded)
+    if maybe and not _looks_like_path(value) and not (base / value).exists():
+        return value  # a hub id such as "gpt2" or "org/name"
+    return str((base / expanded).resolve())
+
+
+def _resolve_paths(tree: dict[str, Any], recipe_dir: Path, overridden: set[str]) -> None:
+    cwd = Path.cwd()
+    for pattern, maybe in [(k, False) for k in _PATH_KEYS] + [(k, True) for k in _MAYBE_PATH_KEYS]:
+        *parents, leaf = pattern.split(".")
+        node: Any = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        keys = list(node) if leaf == "*" else [leaf] if leaf in node else []
+        for key in keys:
+            dotted = ".".join([*parents, key])
+            base = cwd if any(dotted == o or dotted.startswith(o + ".") for o in overridden) else recipe_dir
+            if not (key == "from_scratch" and isinstance(node[key], dict)):
+                node[key] = _resolve(node[key], base, maybe)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the last element of an error location."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "dict": "a mapping (key: value)",
+    "list": "a list",
+    "tuple": "a list",
+    "literal": "one of",
+}
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and "[" in p))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(loc)
+        valid = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        parent = ".".join(str(p) for p in loc[:-1])
+        hint = (
+            f"did you mean '{parent + '.' if parent else ''}{close[0]}'?"
+            if close
+            else f"valid keys here: {', '.join(valid)}"
+        )
+        return f"unknown key '{path}'; {hint}"
+    if kind == "missing":
+        return f"missing required key '{path}'"
+    if kind == "value_error":
+        return f"{path}: {error['msg'].removeprefix('Value error, ')}" if loc else error["msg"][13:]
+    got = error.get("input")
+    return f"{path}: {error['msg'][0].lower()}{error['msg'][1:]} (got {got!r})"
+
+
+def build_recipe(
+    tree: dict[str, Any], recipe_dir: Path, overrides: list[str] | None = None, source: str = "recipe"
+) -> Recipe:
+    """Apply `--set` overrides to a parsed recipe tree, resolve paths and validate it."""
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # a deep copy
+    overridden: set[str] = set()
+    for item in overrides or []:
+        path, value = parse_override(item)
+        _set_path(tree, path, value, item)
+        overridden.add(".".join(path))
+    _resolve_paths(tree, recipe_dir, overridden)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {_describe(exc.errors()[0])}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file; every problem is a one-line `UserError`."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"recipe file {str(file)!r} does not exist; pass the path of a .yaml recipe")
+    try:
+        tree = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError(f"{file}: not valid YAML{at}; fix the syntax (see `llmtune validate`)") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{file}: a recipe must be a YAML mapping (task:, model:, data:, ...)")
+    return build_recipe(tree, file.resolve().parent, overrides, source=str(file))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML: every default filled in, every path absolute."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

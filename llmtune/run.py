@@ -1,0 +1,433 @@
+"""Recipe -> build -> fit / evaluate / generate: the orchestration every command shares."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from llmtune.errors import UserError
+from llmtune.expect import check_expectations, format_checks
+from llmtune.recipe import DataSpec, Recipe, dump_recipe, load_recipe
+
+RUN_MARKERS = ("recipe.resolved.yaml", "checkpoints", "final")
+
+
+class _DropKnownNoise(logging.Filter):
+    """Drops library messages that are expected and harmless in llmtune's use (the why, per message)."""
+
+    NOISE = (
+        "strongly recommend passing in an `attention_mask`",  # packed blocks have no padding to mask
+        "You may ignore this warning if your `pad_token_id`",
+        "`loss_type=None` was set in the config",  # the default causal-LM loss is the one we want
+        "Removed shared tensor",  # tied embeddings are stored once; transformers re-ties them on load
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
+
+
+def quiet_libraries() -> None:
+    """Silence per-file progress bars and known-harmless warnings so the run log stays readable."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if not sys.stdout.isatty():
+        datasets.disable_progress_bars()
+    noise = _DropKnownNoise()
+    for handler in logging.getLogger("transformers").handlers:  # transformers logs through its own handler
+        handler.addFilter(noise)
+    logging.getLogger("accelerate.utils.other").addFilter(noise)  # accelerate's records reach the root
+
+
+def say(accelerator: Any, text: str) -> None:
+    """Print on the main process only."""
+    if accelerator is None or accelerator.is_main_process:
+        print(text, flush=True)
+
+
+def _check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    holds_run = any((run_dir / m).exists() for m in RUN_MARKERS)
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other; choose one")
+    if holds_run and not (resume or overwrite):
+        raise UserError(
+            f"output_dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+            "replace it, or --set output_dir=NEW_DIR"
+        )
+    if resume:
+        from llmtune.checkpoint import list_checkpoints
+
+        if (run_dir / "final").exists():
+            raise UserError(f"output_dir {run_dir} holds a finished run (final/ exists); nothing to resume")
+        if not list_checkpoints(run_dir / "checkpoints"):
+            raise UserError(f"output_dir {run_dir} has no checkpoint to resume from; run without --resume")
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU or other accelerator device."""
+    import torch
+
+    probe = getattr(torch, "accelerator", None)
+    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
+
+
+def _accelerator(recipe: Recipe) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    train = recipe.train
+    if train.precision != "no" and not has_accelerator():
+        if train.precision == "fp16":
+            raise UserError('train.precision: fp16 needs a GPU; use bf16 (slow on most CPUs) or "no" on a CPU')
+        print(
+            'warning: bf16 on a CPU without native bf16 is ~100x slower than fp32; prefer precision: "no"',
+            flush=True,
+        )
+    kwargs: dict[str, Any] = {}
+    if recipe.tracking:
+        kwargs.update(log_with=list(recipe.tracking), project_dir=recipe.output_dir)
+    if train.compile:
+        kwargs["dynamo_backend"] = "inductor"
+    return Accelerator(
+        # accelerate picks gloo data parallelism (MULTI_CPU) for several CPU processes only when told
+        # cpu=True; without it each process of `accelerate launch` / torchrun trains alone.
+        cpu=not has_accelerator(),
+        mixed_precision=train.precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
+        **kwargs,
+    )
+
+
+def _environment(accelerator: Any, recipe: Recipe, recipe_path: Path) -> dict[str, Any]:
+    import torch
+
+    versions = {}
+    for pkg in ("llmtune", "torch", "transformers", "datasets", "accelerate", "tokenizers", "peft"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=recipe_path.parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout.strip()
+            or None
+        )
+    except OSError:
+        commit = None
+    device = str(accelerator.device)
+    if accelerator.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(accelerator.device)})"
+    t = recipe.train
+    return {
+        "python": platform.python_version(),
+        "packages": versions,
+        "git_commit": commit,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "distributed_type": str(accelerator.distributed_type),
+        "world_size": accelerator.num_processes,
+        "mixed_precision": t.precision,
+        "per_device_batch": t.batch_size,
+        "grad_accum": t.grad_accum,
+        "global_batch": t.batch_size * t.grad_accum * accelerator.num_processes,
+    }
+
+
+def _params(model: Any) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> int:
+    """`llmtune pretrain`: train the recipe's model and return the exit code (1 when `expect:` is missed)."""
+    recipe = load_recipe(recipe_path, overrides)
+    run_dir = Path(recipe.output_dir)
+    _check_output_dir(run_dir, resume, overwrite)
+
+    from accelerate.utils import set_seed
+
+    from llmtune.checkpoint import list_checkpoints
+    from llmtune.data import load_raw
+    from llmtune.modeling import build_model, build_tokenizer, load_pretrained_tokenizer
+    from llmtune.tasks import get_task
+    from llmtune.tracking import MetricsLog, Progress
+    from llmtune.trainer import Trainer
+
+    quiet_libraries()
+    task = get_task(recipe.task)
+    _check_metric_names(recipe, task)
+    accelerator = _accelerator(recipe)
+    with accelerator.main_process_first():
+        raw = load_raw(recipe.data)
+        saved_tokenizer = run_dir / "tokenizer"
+        if resume and saved_tokenizer.is_dir():
+            tokenizer, origin = load_pretrained_tokenizer(str(saved_tokenizer)), f"saved {saved_tokenizer}"
+        else:
+            texts = raw.splits["train"][recipe.data.text_column]
+            tokenizer, origin = build_tokenizer(
+                recipe.tokenizer, recipe.model, lambda: iter(texts), raw.fingerprint, recipe.data.cache_dir
+            )
+        prepared = task.prepare(raw, tokenizer, recipe.data)
+    set_seed(recipe.train.seed)
+    model = build_model(recipe.model, tokenizer, task.auto_class, task.name)
+    task.check(recipe.data, model, tokenizer)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # Everything the user could have got wrong has been checked: only now is anything written.
+    if accelerator.is_main_process:
+        if overwrite and run_dir.exists():
+            for marker in (
+                *RUN_MARKERS,
+                "metrics.jsonl",
+                "environment.json",
+                "tokenizer",
+                "final_metrics.json",
+            ):
+                path = run_dir / marker
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+        env = _environment(accelerator, recipe, Path(recipe_path).resolve())
+        (run_dir / "environment.json").write_text(json.dumps(env, indent=1), encoding="utf-8")
+        if not saved_tokenizer.is_dir():
+            tokenizer.save_pretrained(str(saved_tokenizer))
+    accelerator.wait_for_everyone()
+    if recipe.tracking:
+        accelerator.init_trackers("tracking")
+
+    log = MetricsLog(run_dir / "metrics.jsonl", accelerator, accelerator.is_main_process)
+    trainer = Trainer(accelerator, recipe.train, task, model, tokenizer, prepared, run_dir, log)
+    if resume:
+        step, path = list_checkpoints(run_dir / "checkpoints")[-1]
+        trainer.resume(path)
+        say(accelerator, f"resumed from {path} (step {step})")
+    total, trainable = _params(model)
+    t = recipe.train
+    stats = prepared.stats
+    say(
+        accelerator,
+        "\n".join(
+            [
+                f"run: {run_dir}",
+                f"task: {task.name} | model: {model.config.model_type}, {total:,} parameters ({trainable:,} trainable)",
+                f"tokenizer: {origin}, {len(tokenizer)} tokens",
+                "data: "
+                + ", ".join(
+                    f"{k.removesuffix('_tokens')} {v:,} tokens" for k, v in stats.items() if k.endswith("_tokens")
+                ),
+                f"data preparation: {stats['prepare_seconds']:.2f}s (cache {stats['cache']})",
+                f"devices: {accelerator.num_processes} x {accelerator.device} | per-device batch {t.batch_size} x "
+                f"accum {t.grad_accum} = global batch {t.batch_size * t.grad_accum * accelerator.num_processes} | "
+                f"steps {trainer.total_steps}",
+            ]
+        ),
+    )
+    progress = Progress(trainer.total_steps, trainer.state.step, accelerator.is_main_process)
+    try:
+        result = trainer.fit(progress)
+    finally:
+        progress.close()
+        if recipe.tracking:
+            accelerator.end_training()
+    if result.interrupted:
+        return 130
+    if accelerator.is_main_process:
+        (run_dir / "final_metrics.json").write_text(json.dumps(result.metrics, indent=1), encoding="utf-8")
+    say(accelerator, "final: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+    say(accelerator, f"model saved to {run_dir / 'final'}")
+    return _report_expectations(accelerator, recipe, result.metrics)
+
+
+def _check_metric_names(recipe: Recipe, task: Any) -> None:
+    names = set(task.metric_names)
+    wanted = [("expect." + m, m) for m in recipe.expect] + [("train.best_metric", recipe.train.best_metric)]
+    if recipe.train.early_stopping is not None:
+        wanted.append(("train.early_stopping.metric", recipe.train.early_stopping.metric))
+    for key, metric in wanted:
+        if metric not in names:
+            raise UserError(f"{key}: {task.name} reports no metric {metric!r}; it reports {', '.join(sorted(names))}")
+
+
+def _report_expectations(accelerator: Any, recipe: Recipe, metrics: dict[str, float]) -> int:
+    if not recipe.expect:
+        return 0
+    checks = check_expectations(metrics, recipe.expect)
+    say(accelerator, "expectations:\n" + format_checks(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+# --- eval / generate -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRef:
+    """What MODEL on the command line named: the model to load and, for a run directory, its recipe."""
+
+    model: str
+    run_dir: Path | None
+    recipe: Recipe | None
+
+
+def resolve_model(name: str) -> ModelRef:
+    """A run directory (its final/), a model directory, or a hub id."""
+    path = Path(name)
+    if (path / "recipe.resolved.yaml").is_file():
+        if not (path / "final").is_dir():
+            raise UserError(f"{name}: the run has no final/ model yet; finish it with llmtune pretrain --resume")
+        return ModelRef(str(path / "final"), path, load_recipe(path / "recipe.resolved.yaml"))
+    return ModelRef(name, None, None)
+
+
+def evaluate_model(
+    model_name: str,
+    data: str | None,
+    split: str,
+    text_column: str,
+    data_config: str | None,
+    block_size: int | None,
+    stride: int | None,
+    batch_size: int,
+    task_name: str | None,
+    output: str | None,
+) -> dict[str, Any]:
+    """`llmtune eval`: the task's metrics of a saved model on a dataset (by default the run's validation split)."""
+    ref = resolve_model(model_name)
+    recipe = ref.recipe
+    quiet_libraries()
+    if recipe is None and data is None:
+        raise UserError("--data is needed when MODEL is not a run directory (a file path or a hub dataset name)")
+    if data is None:
+        assert recipe is not None
+        spec = recipe.data.model_copy()
+    else:
+        is_file = Path(data).exists() or Path(data).suffix.lower() in (
+            ".txt",
+            ".json",
+            ".jsonl",
+            ".csv",
+            ".parquet",
+        )
+        base = {"text_column": text_column, "validation_split": split}
+        spec = (
+            DataSpec(**base, files={split: str(Path(data).resolve())})
+            if is_file
+            else DataSpec(**base, hub=data, hub_config=data_config)
+        )
+        if recipe is not None:
+            spec.block_size = recipe.data.block_size
+            spec.cache_dir = recipe.data.cache_dir
+    from llmtune.evaluation import evaluate
+    from llmtune.modeling import context_length, load_for_inference
+    from llmtune.tasks import get_task
+
+    task = get_task(task_name or (recipe.task if recipe else "causal-lm"))
+    model, tokenizer = load_for_inference(
+        ref.model, task.auto_class, task.name, recipe.model.trust_remote_code if recipe else False
+    )
+    if block_size is not None:
+        spec.block_size = block_size
+    elif recipe is None:
+        spec.block_size = min(context_length(model.config) or 1024, 1024)
+    spec.eval_stride = stride
+    spec = DataSpec.model_validate(spec.model_dump())  # re-check stride <= block size
+    task.check(spec, model, tokenizer)
+    raw = load_raw_split(spec)
+    prepared = task.prepare(raw, tokenizer, spec)
+
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    accelerator = Accelerator(cpu=not has_accelerator())
+    collate = task.collator(tokenizer)
+    loader = DataLoader(
+        prepared.splits["validation"],
+        batch_size=batch_size,
+        shuffle=False,
+        **({"collate_fn": collate} if collate else {}),
+    )
+    model, loader = accelerator.prepare(model, loader)
+    metrics: dict[str, Any] = evaluate(accelerator, model, loader, task)
+    result = {
+        "model": ref.model,
+        "data": data or "recipe validation split",
+        "split": split,
+        "block_size": spec.block_size,
+        "stride": spec.eval_stride or spec.block_size,
+        "metrics": metrics,
+    }
+    if accelerator.is_main_process:
+        targets = [Path(output)] if output else []
+        if ref.run_dir is not None:
+            name = "validation" if data is None else Path(data).stem + "-" + split
+            targets.append(ref.run_dir / "eval" / f"{name}.json")
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return result
+
+
+def load_raw_split(spec: DataSpec) -> Any:
+    """The evaluation split of a data spec (carved off train exactly as training did, if need be)."""
+    from llmtune.data import load_raw
+
+    return load_raw(spec, splits=("validation",))
+
+
+def generate(
+    model_name: str,
+    prompt: str,
+    max_new_tokens: int,
+    sample: bool,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int,
+    num_return: int,
+) -> list[str]:
+    """`llmtune generate`: continuations of a prompt, greedy or sampled."""
+    import torch
+    from transformers import set_seed
+
+    from llmtune.modeling import load_for_inference
+
+    ref = resolve_model(model_name)
+    quiet_libraries()
+    model, tokenizer = load_for_inference(ref.model, "AutoModelForCausalLM", "generate")
+    model.eval()
+    do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
+    if not do_sample and num_return > 1:
+        raise UserError("--num-return > 1 needs sampling; add --sample")
+    set_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    if inputs["input_ids"].shape[1] == 0:
+        inputs = {"input_ids": torch.tensor([[tokenizer.bos_token_id or tokenizer.eos_token_id]])}
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "num_return_sequences": num_return,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if do_sample:
+        kwargs.update(temperature=temperature or 1.0, top_k=top_k or 0, top_p=top_p or 1.0)
+    with torch.no_grad():
+        out = model.generate(**inputs, **kwargs)
+    start = inputs["input_ids"].shape[1]
+    return [prompt + tokenizer.decode(row[start:], skip_special_tokens=True) for row in out]

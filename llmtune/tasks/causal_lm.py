@@ -1,0 +1,202 @@
+"""`causal-lm`: next-token prediction (GPT-2 and any `AutoModelForCausalLM`).
+
+Training: documents are tokenised, each followed by EOS, joined into one stream and cut into
+`block_size` blocks (the stream's tail shorter than a block is dropped). Evaluation: the stream is
+scored with a sliding window (`eval_stride`), as in the Hugging Face perplexity guide, so every
+token is predicted once with up to `block_size - stride` tokens of context; perplexity is
+token-weighted over the whole split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llmtune.atomic import atomic_dir, cache_root
+from llmtune.errors import UserError
+from llmtune.modeling import context_length
+from llmtune.tasks.base import Prepared
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+
+    from llmtune.data import RawData
+    from llmtune.recipe import DataSpec
+
+IGNORE = -100
+_CACHE_VERSION = "causal-lm/1"
+
+
+def pack_blocks(stream: np.ndarray, block_size: int) -> np.ndarray:
+    """Cut a token stream into consecutive full blocks, shape (n, block_size); the short tail is dropped."""
+    n = len(stream) // block_size
+    return stream[: n * block_size].reshape(n, block_size)
+
+
+def sliding_windows(
+    stream: np.ndarray, block_size: int, stride: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows over a stream for perplexity: (input_ids, labels, attention_mask), each (n, block_size).
+
+    Window i starts at i*stride; its labels keep only the tokens no earlier window scored (the rest
+    are -100), so each token after the first is predicted exactly once when stride < block_size.
+    """
+    starts, prev_end = [], 0
+    for begin in range(0, len(stream), stride):
+        end = min(begin + block_size, len(stream))
+        starts.append((begin, end, end - prev_end))
+        prev_end = end
+        if end == len(stream):
+            break
+    ids = np.full((len(starts), block_size), pad_id, dtype=np.int64)
+    labels = np.full((len(starts), block_size), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(starts), block_size), dtype=np.int64)
+    for row, (begin, end, target) in enumerate(starts):
+        length = end - begin
+        ids[row, :length] = stream[begin:end]
+        labels[row, length - target : length] = stream[end - target : end]
+        mask[row, :length] = 1
+    return ids, labels, mask
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything about a tokenizer that changes token ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256((body + str(tokenizer.eos_token_id)).encode()).hexdigest()[:16]
+
+
+def _stream(ds: Dataset, tokenizer: Any, text_column: str, num_proc: int | None) -> np.ndarray:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("tokenizer: causal-lm needs an EOS token to separate documents")
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        ids = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"input_ids": [[*row, eos] for row in ids if row]}
+
+    tokenized = ds.map(
+        encode,
+        batched=True,
+        remove_columns=ds.column_names,
+        num_proc=num_proc,
+        keep_in_memory=True,
+        desc="tokenising",
+    )
+    column = tokenized.data.column("input_ids").combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+class CausalLM:
+    """Next-token prediction with token-weighted loss and sliding-window perplexity."""
+
+    name = "causal-lm"
+    auto_class = "AutoModelForCausalLM"
+    metric_names = ("eval/loss", "eval/perplexity", "eval/tokens")
+
+    def check(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
+        """Refuse a block size longer than the model's context."""
+        limit = context_length(model.config)
+        if limit is not None and data.block_size > limit:
+            raise UserError(
+                f"data.block_size: {data.block_size} is longer than the model's context ({limit}); "
+                f"set data.block_size <= {limit}"
+            )
+
+    def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
+        """Packed training blocks and sliding evaluation windows, from the cache when it has them."""
+        from datasets import Dataset, DatasetDict, load_from_disk
+
+        stride = data.eval_stride or data.block_size
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    _CACHE_VERSION,
+                    raw.fingerprint,
+                    tokenizer_fingerprint(tokenizer),
+                    data.block_size,
+                    stride,
+                    sorted(raw.splits),
+                ]
+            ).encode()
+        ).hexdigest()[:16]
+        where = cache_root(data.cache_dir) / "tokenized" / key
+        started = time.perf_counter()
+        if (where / "stats.json").is_file():
+            stats = json.loads((where / "stats.json").read_text())
+            splits = dict(load_from_disk(str(where)))
+            stats["cache"] = f"hit {where}"
+        else:
+            import pyarrow as pa
+
+            splits, stats = {}, {}
+            for role, ds in raw.splits.items():
+                stream = _stream(ds, tokenizer, data.text_column, data.num_proc)
+                if role == "train":
+                    blocks = pack_blocks(stream, data.block_size)
+                    if len(blocks) == 0:
+                        raise UserError(
+                            f"data: the train split has {len(stream)} tokens, less than one block of "
+                            f"{data.block_size}; lower data.block_size or add data"
+                        )
+                    flat = pa.array(blocks.reshape(-1))
+                    splits[role] = Dataset(
+                        pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(flat, data.block_size)})
+                    )
+                    stats[f"{role}_tokens"] = int(blocks.size)
+                    stats[f"{role}_stream_tokens"] = len(stream)
+                else:
+                    if len(stream) < 2:
+                        raise UserError(f"data: the {role} split has {len(stream)} tokens; it needs at least 2")
+                    ids, labels, mask = sliding_windows(stream, data.block_size, stride, tokenizer.pad_token_id)
+                    splits[role] = Dataset.from_dict({"input_ids": ids, "labels": labels, "attention_mask": mask})
+                    stats[f"{role}_tokens"] = len(stream)
+                    stats[f"{role}_scored_tokens"] = int((labels[:, 1:] != IGNORE).sum())
+            with atomic_dir(where) as tmp:
+                DatasetDict(splits).save_to_disk(str(tmp))
+                (tmp / "stats.json").write_text(json.dumps(stats))
+            splits = dict(load_from_disk(str(where)))
+            stats["cache"] = f"miss, saved {where}"
+        stats["prepare_seconds"] = round(time.perf_counter() - started, 3)
+        return Prepared({k: v.with_format("torch") for k, v in splits.items()}, stats)
+
+    def collator(self, tokenizer: Any) -> None:
+        """Blocks and windows are all `block_size` long: default stacking is enough."""
+        return None
+
+    def count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tokens predicted in the batch: every position after the first of each row that has a label."""
+        labels = batch.get("labels", batch["input_ids"])
+        return (labels[:, 1:] != IGNORE).sum()
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy over the batch, divided by the accumulated step's token count."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        labels = batch.get("labels", batch["input_ids"])
+        return model(**inputs, labels=labels, num_items_in_batch=num_items, use_cache=False).loss
+
+    def eval_batch(self, model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-window summed negative log-likelihood and scored-token count."""
+        import torch.nn.functional as F
+
+        labels = batch["labels"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none"
+        )
+        return {"nll": nll.sum(dim=1), "tokens": (labels[:, 1:] != IGNORE).sum(dim=1).float()}
+
+    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        """Token-weighted loss and its exponential, perplexity."""
+        loss = totals["nll"] / max(totals["tokens"], 1.0)
+        return {
+            "eval/loss": loss,
+            "eval/perplexity": math.exp(min(loss, 700.0)),
+            "eval/tokens": totals["tokens"],
+        }

@@ -1,0 +1,122 @@
+"""Shared fixtures: a small synthetic corpus, tiny recipes, and the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+_NOUNS = ["parser", "module", "function", "class", "list", "string", "token", "frame", "thread", "socket"]
+_VERBS = ["returns", "raises", "holds", "reads", "writes", "calls", "builds", "parses", "joins", "splits"]
+_ADJ = ["empty", "mutable", "small", "nested", "lazy", "sorted", "encoded", "shared", "frozen", "local"]
+
+
+def synthetic_documents(n: int, seed: int = 0) -> list[str]:
+    """Documents of templated sentences: structure a tiny model can learn in a few steps."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sentences = [
+            f"The {rng.choice(_ADJ)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} a {rng.choice(_ADJ)} "
+            f"{rng.choice(_NOUNS)}."
+            for _ in range(rng.randint(1, 6))
+        ]
+        docs.append(" ".join(sentences))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """train.txt / valid.txt (documents separated by blank lines) and a jsonl copy of the train split."""
+    root = tmp_path_factory.mktemp("corpus")
+    train, valid = synthetic_documents(600, seed=1), synthetic_documents(40, seed=2)
+    (root / "train.txt").write_text("\n\n".join(train) + "\n", encoding="utf-8")
+    (root / "valid.txt").write_text("\n\n".join(valid) + "\n", encoding="utf-8")
+    (root / "train.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in train), encoding="utf-8")
+    return {"train": root / "train.txt", "valid": root / "valid.txt", "jsonl": root / "train.jsonl"}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "llmtune-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+TINY_GPT2 = {
+    "model_type": "gpt2",
+    "n_layer": 2,
+    "n_embd": 32,
+    "n_head": 2,
+    "n_positions": 64,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
+
+
+def tiny_recipe(corpus: dict[str, Path], out: Path, **sections: Any) -> dict[str, Any]:
+    """A causal-LM recipe on the synthetic corpus with a tiny GPT-2; `sections` update its parts."""
+    recipe: dict[str, Any] = {
+        "task": "causal-lm",
+        "model": {"from_scratch": dict(TINY_GPT2)},
+        "tokenizer": {"train": {"kind": "byte-level-bpe", "vocab_size": 400}},
+        "data": {
+            "files": {"train": str(corpus["train"]), "validation": str(corpus["valid"])},
+            "block_size": 32,
+        },
+        "train": {
+            "max_steps": 30,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "log_every": 5,
+            "seed": 0,
+            "schedule": {"kind": "cosine", "warmup_steps": 3},
+        },
+        "output_dir": str(out),
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
+    """Write a recipe dict as YAML."""
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `python -m llmtune ARGS` the way a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "llmtune", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        check=False,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl records."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    """All tensors of a safetensors file."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
