@@ -77,6 +77,8 @@ def _load_files(split: str, paths: list[str]) -> tuple[Dataset, str]:
         formats.add(fmt)
         st = path.stat()
         stamp.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    if all(row[1] == 0 for row in stamp):
+        raise UserError(f"data: the {split} split is empty ({paths[0]!r} has no bytes); give it some rows")
     if len(formats) > 1:
         raise UserError(f"data.files.{split}: mixes file formats {sorted(formats)}; use one format per split")
     fmt = formats.pop()

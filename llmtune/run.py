@@ -8,6 +8,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -174,6 +175,7 @@ def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overw
     task = get_task(recipe.task)
     _check_metric_names(recipe, task)
     accelerator = _accelerator(recipe)
+    started = time.perf_counter()
     with accelerator.main_process_first():
         raw = load_raw(recipe.data)
         saved_tokenizer = run_dir / "tokenizer"
@@ -185,6 +187,7 @@ def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overw
                 recipe.tokenizer, recipe.model, lambda: iter(texts), raw.fingerprint, recipe.data.cache_dir
             )
         prepared = task.prepare(raw, tokenizer, recipe.data)
+    prep_seconds = time.perf_counter() - started
     set_seed(recipe.train.seed)
     model = build_model(recipe.model, tokenizer, task.auto_class, task.name)
     task.check(recipe.data, model, tokenizer)
@@ -233,7 +236,8 @@ def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overw
                 + ", ".join(
                     f"{k.removesuffix('_tokens')} {v:,} tokens" for k, v in stats.items() if k.endswith("_tokens")
                 ),
-                f"data preparation: {stats['prepare_seconds']:.2f}s (cache {stats['cache']})",
+                f"data preparation: {prep_seconds:.2f}s (loading, tokenizer, tokenising; tokenised data: cache "
+                f"{stats['cache']})",
                 f"devices: {accelerator.num_processes} x {accelerator.device} | per-device batch {t.batch_size} x "
                 f"accum {t.grad_accum} = global batch {t.batch_size * t.grad_accum * accelerator.num_processes} | "
                 f"steps {trainer.total_steps}",
