@@ -52,7 +52,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 DATASETS = {"tinyshakespeare": SHARED_DATA / "tinyshakespeare" / "input.txt"}
 LLMTUNE, TRAINER = "llmtune", "Trainer"
 
-_PREP_LINE = re.compile(r"data preparation: [\d.]+s \(cache (?:hit|miss, saved) (?P<dir>.+)\)")
+_PREP_LINE = re.compile(r"data preparation: .*cache (?:hit|miss, saved) (?P<dir>[^\s)]+)")
 _PARAMS_LINE = re.compile(r"model: \S+, (?P<n>[\d,]+) parameters")
 
 
@@ -229,6 +229,7 @@ def child_trainer(result_path: str, recipe_path: str, output_dir: str, window: i
         logging_steps=spec.max_steps,
         report_to=[],
         dataloader_num_workers=spec.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning means nothing without a GPU (and warns)
         disable_tqdm=True,
     )
     clock = StepClock()
@@ -248,6 +249,7 @@ def child_trainer(result_path: str, recipe_path: str, output_dir: str, window: i
             "tokens_per_s": sum(per_step[window:]) / elapsed,
             "measured_tokens": sum(per_step[window:]),
             "measured_seconds": elapsed,
+            "step_seconds": [round(b - a, 4) for a, b in zip(clock.ends, clock.ends[1:], strict=False)],
             "train_seconds": result.metrics["train_runtime"],
             "mean_train_loss": result.training_loss,
             "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
@@ -273,6 +275,7 @@ class Run:
     max_rss_mib: float
     wall_s: float
     mean_train_loss: float
+    load_before: float = 0.0  # 1-minute load average when the run started: other work on the machine shows here
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -410,7 +413,8 @@ def check_same_work(runs: list[Run], prepared: dict[str, Any], args: argparse.Na
     expected_tokens = sum(tokens_per_step(prepared["train_blocks"], args.batch_size, args.block_size, args.steps))
     for run in runs:
         if run.extra.get("cache_dir") != prepared["cache_dir"]:
-            raise BenchError(f"{run.side} #{run.repeat} trained on {run.extra.get('cache_dir')}, not {prepared['cache_dir']}")
+            where = run.extra.get("cache_dir")
+            raise BenchError(f"{run.side} #{run.repeat} trained on {where}, not {prepared['cache_dir']}")
     params = {run.extra.get("parameters") for run in runs}
     if len(params) != 1:
         raise BenchError(f"the two sides built models of different sizes: {sorted(map(str, params))}")
@@ -424,11 +428,11 @@ def check_same_work(runs: list[Run], prepared: dict[str, Any], args: argparse.Na
 def report(runs: list[Run], header: list[str]) -> str:
     """The printed table: each run, each side's median, and the llmtune / Trainer ratios."""
     lines = [*header, ""]
-    lines.append(f"{'run':<12} {'tokens/s':>10} {'peak RSS MiB':>13} {'wall s':>8} {'mean loss':>10}")
+    lines.append(f"{'run':<12} {'tokens/s':>10} {'peak RSS MiB':>13} {'wall s':>8} {'mean loss':>10} {'load':>6}")
     for run in runs:
         lines.append(
             f"{run.side + ' #' + str(run.repeat):<12} {run.tokens_per_s:>10.1f} {run.max_rss_mib:>13.1f} "
-            f"{run.wall_s:>8.1f} {run.mean_train_loss:>10.4f}"
+            f"{run.wall_s:>8.1f} {run.mean_train_loss:>10.4f} {run.load_before:>6.2f}"
         )
     medians: dict[str, tuple[float, float]] = {}
     lines.append("")
@@ -513,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[Run] = []
         for repeat in range(1, args.repeats + 1):
             for side, fn in ((LLMTUNE, run_llmtune), (TRAINER, run_trainer)):
+                load = os.getloadavg()[0]
                 run = fn(args, recipe, work, repeat)
+                run.load_before = load
                 runs.append(run)
                 print(
                     f"[{len(runs)}/{2 * args.repeats}] {side} #{repeat}: {run.tokens_per_s:.1f} tokens/s, "

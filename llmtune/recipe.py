@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -253,41 +254,50 @@ def _resolve_paths(tree: dict[str, Any], recipe_dir: Path, overridden: set[str])
                 node[key] = _resolve(node[key], base, maybe)
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class that owns the last element of an error location."""
-    model: Any = Recipe
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return None
-        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return None
-    return model
+def _tag(annotation: Any) -> str:
+    """The name pydantic gives a union member in error locations (e.g. 'str', 'list[str]')."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace(" ", "").lower()
 
 
-_TYPE_WORDS = {
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "string": "a string",
-    "dict": "a mapping (key: value)",
-    "list": "a list",
-    "tuple": "a list",
-    "literal": "one of",
-}
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """Pydantic's error location as the recipe's key path (union-member tags dropped), and the section
+    class that owns the last key (for suggesting the closest valid key)."""
+    path: list[str] = []
+    node: Any = Recipe
+    owner: type[BaseModel] | None = None
+    for part in loc:
+        args = [a for a in get_args(node) if a is not type(None)]
+        if get_origin(node) in (Union, UnionType):
+            if len(args) > 1:  # `part` names the union member the value was tried against: not a key
+                node = next((a for a in args if _tag(a) == str(part).lower()), None)
+                continue
+            node = args[0]
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            owner = node
+            field = node.model_fields.get(part) if isinstance(part, str) else None
+            node = field.annotation if field is not None else None
+        elif get_origin(node) is dict:
+            node = get_args(node)[1]
+        elif get_origin(node) in (list, tuple):
+            node = get_args(node)[0] if get_args(node) else None
+        else:
+            node = None
+        path.append(str(part))
+    return path, owner
 
 
-def _describe(error: dict[str, Any]) -> str:
-    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and "[" in p))
-    path = ".".join(str(p) for p in loc) or "(top level)"
+def _describe(errors: list[dict[str, Any]]) -> str:
+    """One line for the first validation error (merging what a union's members each said about it)."""
+    error = errors[0]
+    loc, owner = _walk(tuple(error["loc"]))
+    path = ".".join(loc) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
-        owner = _model_at(loc)
         valid = sorted(owner.model_fields) if owner else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        parent = ".".join(str(p) for p in loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        parent = ".".join(loc[:-1])
         hint = (
             f"did you mean '{parent + '.' if parent else ''}{close[0]}'?"
             if close
@@ -297,9 +307,11 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "missing":
         return f"missing required key '{path}'"
     if kind == "value_error":
-        return f"{path}: {error['msg'].removeprefix('Value error, ')}" if loc else error["msg"][13:]
-    got = error.get("input")
-    return f"{path}: {error['msg'][0].lower()}{error['msg'][1:]} (got {got!r})"
+        message = error["msg"].removeprefix("Value error, ")
+        return f"{path}: {message}" if loc else message
+    said = [e["msg"] for e in errors if _walk(tuple(e["loc"]))[0] == loc and e["type"] != "extra_forbidden"]
+    expected = " or ".join(dict.fromkeys(m.removeprefix("Input should be ") for m in said))
+    return f"{path}: expected {expected} (got {error.get('input')!r})"
 
 
 def build_recipe(
@@ -312,11 +324,14 @@ def build_recipe(
         path, value = parse_override(item)
         _set_path(tree, path, value, item)
         overridden.add(".".join(path))
+    if "output_dir" not in tree:
+        tree["output_dir"] = Recipe.model_fields["output_dir"].default
+        overridden.add("output_dir")  # a default is relative to where the user runs, like --set
     _resolve_paths(tree, recipe_dir, overridden)
     try:
         return Recipe.model_validate(tree)
     except ValidationError as exc:
-        raise UserError(f"{source}: {_describe(exc.errors()[0])}") from None
+        raise UserError(f"{source}: {_describe(exc.errors())}") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

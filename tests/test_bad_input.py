@@ -39,8 +39,10 @@ def test_cli_reports_one_line_and_exit_2(corpus: dict[str, Path], tmp_path: Path
 
 
 def test_cli_data_error_exit_2(corpus: dict[str, Path], tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus, tmp_path / "out", data={
-        "files": {"train": str(corpus["jsonl"])}, "text_column": "text"}))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_recipe(corpus, tmp_path / "out", data={"files": {"train": str(corpus["jsonl"])}, "text_column": "text"}),
+    )
     done = run_cli("pretrain", str(recipe))
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
@@ -65,8 +67,9 @@ def test_non_utf8_text_file(corpus: dict[str, Path], tmp_path: Path) -> None:
 def test_empty_split(corpus: dict[str, Path], tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    recipe = tiny_recipe(corpus, tmp_path / "out", data={"files": {"train": str(corpus["train"]),
-                                                                    "validation": str(empty)}})
+    recipe = tiny_recipe(
+        corpus, tmp_path / "out", data={"files": {"train": str(corpus["train"]), "validation": str(empty)}}
+    )
     assert "validation split is empty" in _pretrain_error(tmp_path, recipe)
 
 

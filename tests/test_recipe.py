@@ -40,7 +40,12 @@ def build_error(tree: dict[str, Any], overrides: list[str] | None = None, base: 
         ("train", {"lrr": 1e-3}, "train.lrr", "train.lr"),
         ("train", {"optimizer": {"kindd": "sgd"}}, "train.optimizer.kindd", "train.optimizer.kind"),
         ("train", {"schedule": {"warmup_step": 3}}, "train.schedule.warmup_step", "train.schedule.warmup_steps"),
-        ("train", {"early_stopping": {"patiense": 3}}, "train.early_stopping.patiense", "train.early_stopping.patience"),
+        (
+            "train",
+            {"early_stopping": {"patiense": 3}},
+            "train.early_stopping.patiense",
+            "train.early_stopping.patience",
+        ),
         ("tokenizer", {"train": {"vocab_sise": 512}}, "tokenizer.train.vocab_sise", "tokenizer.train.vocab_size"),
         ("model", {"pretrained": "gpt2", "revison": "main"}, "model.revison", "model.revision"),
     ],
@@ -145,7 +150,7 @@ def test_parse_override_values_parse_like_yaml(item: str, path: list[str], value
 
 @pytest.mark.parametrize("item", ["train.lr", "=3", "  =x"])
 def test_parse_override_without_key_or_equals_is_user_error(item: str) -> None:
-    with pytest.raises(UserError, match="expected key.path=value"):
+    with pytest.raises(UserError, match=r"expected key\.path=value"):
         parse_override(item)
 
 
@@ -195,7 +200,7 @@ def test_override_through_a_value_is_user_error() -> None:
 def test_malformed_override_through_load_recipe(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(base_tree()), encoding="utf-8")
-    with pytest.raises(UserError, match="expected key.path=value"):
+    with pytest.raises(UserError, match=r"expected key\.path=value"):
         load_recipe(path, ["train.lr"])
 
 

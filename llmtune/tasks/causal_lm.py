@@ -9,18 +9,15 @@ token-weighted over the whole split.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmtune.atomic import atomic_dir, cache_root
 from llmtune.errors import UserError
 from llmtune.modeling import context_length
 from llmtune.tasks.base import Prepared
+from llmtune.tasks.packing import blocks_dataset, cached_splits, pack_blocks, require_tokens, token_stream
 
 if TYPE_CHECKING:
     import torch
@@ -29,14 +26,10 @@ if TYPE_CHECKING:
     from llmtune.data import RawData
     from llmtune.recipe import DataSpec
 
+__all__ = ["CausalLM", "pack_blocks", "sliding_windows"]
+
 IGNORE = -100
 _CACHE_VERSION = "causal-lm/1"
-
-
-def pack_blocks(stream: np.ndarray, block_size: int) -> np.ndarray:
-    """Cut a token stream into consecutive full blocks, shape (n, block_size); the short tail is dropped."""
-    n = len(stream) // block_size
-    return stream[: n * block_size].reshape(n, block_size)
 
 
 def sliding_windows(
@@ -65,34 +58,6 @@ def sliding_windows(
     return ids, labels, mask
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of everything about a tokenizer that changes token ids."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256((body + str(tokenizer.eos_token_id)).encode()).hexdigest()[:16]
-
-
-def _stream(ds: Dataset, tokenizer: Any, text_column: str, num_proc: int | None) -> np.ndarray:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("tokenizer: causal-lm needs an EOS token to separate documents")
-
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        ids = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
-        return {"input_ids": [[*row, eos] for row in ids if row]}
-
-    tokenized = ds.map(
-        encode,
-        batched=True,
-        remove_columns=ds.column_names,
-        num_proc=num_proc,
-        keep_in_memory=True,
-        desc="tokenising",
-    )
-    column = tokenized.data.column("input_ids").combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-
-
 class CausalLM:
     """Next-token prediction with token-weighted loss and sliding-window perplexity."""
 
@@ -111,60 +76,29 @@ class CausalLM:
 
     def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
         """Packed training blocks and sliding evaluation windows, from the cache when it has them."""
-        from datasets import Dataset, DatasetDict, load_from_disk
-
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise UserError("tokenizer: causal-lm needs an EOS token to separate documents")
         stride = data.eval_stride or data.block_size
-        key = hashlib.sha256(
-            json.dumps(
-                [
-                    _CACHE_VERSION,
-                    raw.fingerprint,
-                    tokenizer_fingerprint(tokenizer),
-                    data.block_size,
-                    stride,
-                    sorted(raw.splits),
-                ]
-            ).encode()
-        ).hexdigest()[:16]
-        where = cache_root(data.cache_dir) / "tokenized" / key
-        started = time.perf_counter()
-        if (where / "stats.json").is_file():
-            stats = json.loads((where / "stats.json").read_text())
-            splits = dict(load_from_disk(str(where)))
-            stats["cache"] = f"hit {where}"
-        else:
-            import pyarrow as pa
 
-            splits, stats = {}, {}
-            for role, ds in raw.splits.items():
-                stream = _stream(ds, tokenizer, data.text_column, data.num_proc)
-                if role == "train":
-                    blocks = pack_blocks(stream, data.block_size)
-                    if len(blocks) == 0:
-                        raise UserError(
-                            f"data: the train split has {len(stream)} tokens, less than one block of "
-                            f"{data.block_size}; lower data.block_size or add data"
-                        )
-                    flat = pa.array(blocks.reshape(-1))
-                    splits[role] = Dataset(
-                        pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(flat, data.block_size)})
-                    )
-                    stats[f"{role}_tokens"] = int(blocks.size)
-                    stats[f"{role}_stream_tokens"] = len(stream)
-                else:
-                    if len(stream) < 2:
-                        raise UserError(f"data: the {role} split has {len(stream)} tokens; it needs at least 2")
-                    ids, labels, mask = sliding_windows(stream, data.block_size, stride, tokenizer.pad_token_id)
-                    splits[role] = Dataset.from_dict({"input_ids": ids, "labels": labels, "attention_mask": mask})
-                    stats[f"{role}_tokens"] = len(stream)
-                    stats[f"{role}_scored_tokens"] = int((labels[:, 1:] != IGNORE).sum())
-            with atomic_dir(where) as tmp:
-                DatasetDict(splits).save_to_disk(str(tmp))
-                (tmp / "stats.json").write_text(json.dumps(stats))
-            splits = dict(load_from_disk(str(where)))
-            stats["cache"] = f"miss, saved {where}"
-        stats["prepare_seconds"] = round(time.perf_counter() - started, 3)
-        return Prepared({k: v.with_format("torch") for k, v in splits.items()}, stats)
+        def build(role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
+            stream = token_stream(ds, tokenizer, data.text_column, eos, data.num_proc)
+            if role == "train":
+                blocks = pack_blocks(stream, data.block_size)
+                require_tokens(role, len(stream), data.block_size, "block")
+                return blocks_dataset(blocks), {"tokens": int(blocks.size), "stream_tokens": len(stream)}
+            require_tokens(role, len(stream), 2, "window")
+            ids, labels, mask = sliding_windows(stream, data.block_size, stride, tokenizer.pad_token_id)
+            scored = int((labels[:, 1:] != IGNORE).sum())
+            return blocks_dataset(ids, labels=labels, attention_mask=mask), {
+                "tokens": len(stream),
+                "scored_tokens": scored,
+            }
+
+        splits, stats = cached_splits(
+            [_CACHE_VERSION, data.text_column, data.block_size, stride], raw, tokenizer, data, build
+        )
+        return Prepared(splits, stats)
 
     def collator(self, tokenizer: Any) -> None:
         """Blocks and windows are all `block_size` long: default stacking is enough."""
