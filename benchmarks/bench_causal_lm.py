@@ -39,6 +39,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 DATASETS = {"tinyshakespeare": SHARED_DATA / "tinyshakespeare" / "input.txt"}
 LLMTUNE, TRAINER = "llmtune", "Trainer"
+OTHER_CPU_WARN = 10.0  # % of all cores used by other processes during a run before the table warns
 
 _PREP_LINE = re.compile(r"data preparation: .*cache (?:hit|miss, saved) (?P<dir>[^\s)]+)")
 _PARAMS_LINE = re.compile(r"model: \S+, (?P<n>[\d,]+) parameters")
@@ -93,8 +95,22 @@ def child_llmtune(result_path: str, cli_args: list[str]) -> None:
     """
     code: Any = 0
     started = time.perf_counter()
+    train_peak: list[float] = []
     try:
+        import llmtune.trainer
         from llmtune.cli import main
+
+        # Instrumentation only (llmtune is not changed): the peak RSS when the final evaluation starts
+        # is the peak of imports + data + training, comparable to the Trainer side, which never evaluates.
+        original = getattr(llmtune.trainer, "evaluate", None)
+        if callable(original):
+
+            def evaluate(*args: Any, **kwargs: Any) -> Any:
+                if not train_peak:
+                    train_peak.append(max_rss_mib())
+                return original(*args, **kwargs)
+
+            llmtune.trainer.evaluate = evaluate
 
         sys.argv = ["llmtune", *cli_args]
         main()
@@ -107,11 +123,15 @@ def child_llmtune(result_path: str, cli_args: list[str]) -> None:
     finally:
         import torch
 
+        import llmtune
+
         _write_json(
             result_path,
             {
+                "llmtune_file": llmtune.__file__,
                 "returncode": code,
                 "max_rss_mib": max_rss_mib(),
+                "train_max_rss_mib": train_peak[0] if train_peak else None,
                 "seconds": time.perf_counter() - started,
                 "torch_threads": torch.get_num_threads(),
             },
@@ -134,7 +154,10 @@ def _llmtune_data(recipe: Any) -> tuple[Any, Any, dict[str, Any]]:
     )
     prepared = CausalLM().prepare(raw, tokenizer, recipe.data)
     match = re.match(r"(?:hit|miss, saved) (?P<dir>.+)", prepared.stats["cache"])
+    import llmtune
+
     info = {
+        "llmtune_file": llmtune.__file__,
         "cache_dir": match.group("dir") if match else prepared.stats["cache"],
         "tokenizer": origin,
         "vocab": len(tokenizer),
@@ -235,6 +258,7 @@ def child_trainer(result_path: str, recipe_path: str, output_dir: str, window: i
     clock = StepClock()
     trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate, callbacks=[clock])
     result = trainer.train()
+    train_peak = max_rss_mib()
 
     steps = spec.max_steps
     per_step = tokens_per_step(len(train_set), spec.batch_size, recipe.data.block_size, steps)
@@ -257,6 +281,7 @@ def child_trainer(result_path: str, recipe_path: str, output_dir: str, window: i
             "device": str(trainer.args.device),
             "torch_threads": torch.get_num_threads(),
             "max_rss_mib": max_rss_mib(),
+            "train_max_rss_mib": train_peak,
             "seconds": time.perf_counter() - started,
         },
     )
@@ -273,9 +298,10 @@ class Run:
     repeat: int
     tokens_per_s: float
     max_rss_mib: float
+    train_max_rss_mib: float | None  # peak RSS when training ended (before llmtune's final eval and save)
     wall_s: float
     mean_train_loss: float
-    load_before: float = 0.0  # 1-minute load average when the run started: other work on the machine shows here
+    other_cpu_pct: float | None = None  # CPU other processes used during the run, % of all cores (Linux)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -331,12 +357,87 @@ def write_recipe(args: argparse.Namespace, path: Path) -> str:
     return described
 
 
-def _child(mode: str, result: Path, rest: list[str], log: Path, timeout: float) -> dict[str, Any]:
-    """Run this file in a child mode; its stdout/stderr go to `log`; return its result JSON."""
+def _busy_seconds() -> float | None:
+    """CPU seconds all cores have spent busy since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(limit_s: float, sample_s: float = 2.0) -> float | None:
+    """Wait (up to `limit_s`) until other processes use under OTHER_CPU_WARN % of the CPUs; return the last share.
+
+    Only a start condition: work that starts during a run still shows in that run's `other CPU %`.
+    """
+    deadline, said = time.monotonic() + limit_s, False
+    while True:
+        before = _busy_seconds()
+        if before is None:
+            return None
+        time.sleep(sample_s)
+        after = _busy_seconds()
+        share = ((after or before) - before) / (sample_s * (os.cpu_count() or 1)) * 100
+        if share < OTHER_CPU_WARN or time.monotonic() >= deadline:
+            return share
+        if not said:
+            print(f"  machine busy ({share:.0f}% CPU); waiting up to {limit_s:.0f}s", file=sys.stderr, flush=True)
+            said = True
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # cumulative: only differences are used
+    return usage.ru_utime + usage.ru_stime
+
+
+def snapshot_llmtune(work: Path) -> tuple[Path, str]:
+    """Copy the llmtune package into `work` so every run imports the same code; return its path and version.
+
+    Without it, an edit to the working tree between runs would compare two different llmtunes
+    (and, if the data cache key changed, train them on different caches).
+    """
+    target = work / "llmtune-src"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(ROOT / "llmtune", target / "llmtune", ignore=shutil.ignore_patterns("__pycache__"))
+    return target, _git_version()
+
+
+def _git_version() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "llmtune"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        return "unknown (no git)"
+    if not head:
+        return "unknown (not a git checkout)"
+    return f"{head} + uncommitted changes in llmtune/" if dirty else head
+
+
+def _child(mode: str, result: Path, rest: list[str], log: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run this file in a child mode; its stdout/stderr go to `log`; return its result JSON.
+
+    The result also gets `other_cpu_pct`: the CPU time other processes on the machine used while the
+    child ran (all busy CPU time from /proc/stat minus the child's own), as a share of all cores.
+    """
+    timeout = args.timeout
     result.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(args.llmtune_path), env.get("PYTHONPATH")) if p)
     command = [sys.executable, str(Path(__file__).resolve()), mode, str(result), *rest]
+    busy, own, wall = _busy_seconds(), _children_cpu_seconds(), time.perf_counter()
     with log.open("w", encoding="utf-8") as out:
         try:
             done = subprocess.run(
@@ -344,10 +445,16 @@ def _child(mode: str, result: Path, rest: list[str], log: Path, timeout: float) 
             )
         except subprocess.TimeoutExpired:
             raise BenchError(f"{mode} child ran past --timeout {timeout:.0f}s; see {log}") from None
+    wall = time.perf_counter() - wall
+    busy_after = _busy_seconds()
     if done.returncode != 0 or not result.is_file():
         tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-25:])
         raise BenchError(f"{mode} child exited with {done.returncode}; last lines of {log}:\n{tail}")
-    return json.loads(result.read_text(encoding="utf-8"))
+    info = json.loads(result.read_text(encoding="utf-8"))
+    if busy is not None and busy_after is not None:
+        others = (busy_after - busy) - (_children_cpu_seconds() - own)
+        info["other_cpu_pct"] = max(others, 0.0) / (wall * (os.cpu_count() or 1)) * 100
+    return info
 
 
 def run_llmtune(args: argparse.Namespace, recipe: Path, work: Path, repeat: int) -> Run:
@@ -355,7 +462,7 @@ def run_llmtune(args: argparse.Namespace, recipe: Path, work: Path, repeat: int)
     run_dir = work / f"llmtune-{repeat}"
     log = work / f"llmtune-{repeat}.log"
     cli = ["pretrain", str(recipe), "--overwrite", "--set", f"output_dir={run_dir}"]
-    info = _child("_llmtune", work / f"llmtune-{repeat}.json", cli, log, args.timeout)
+    info = _child("_llmtune", work / f"llmtune-{repeat}.json", cli, log, args)
     text = log.read_text(encoding="utf-8")
     prep, params = _PREP_LINE.search(text), _PARAMS_LINE.search(text)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -372,8 +479,10 @@ def run_llmtune(args: argparse.Namespace, recipe: Path, work: Path, repeat: int)
         repeat,
         tokens_per_s=sum(tokens) / seconds,
         max_rss_mib=info["max_rss_mib"],
+        train_max_rss_mib=info.get("train_max_rss_mib"),
         wall_s=info["seconds"],
         mean_train_loss=statistics.fmean(r["train/loss"] for r in windows),
+        other_cpu_pct=info.get("other_cpu_pct"),
         extra={
             "cache_dir": prep.group("dir") if prep else None,
             "parameters": int(params.group("n").replace(",", "")) if params else None,
@@ -383,6 +492,7 @@ def run_llmtune(args: argparse.Namespace, recipe: Path, work: Path, repeat: int)
             "window_tokens_per_s": [round(r["train/tokens_per_s"], 1) for r in windows],
             "device": env.get("device"),
             "torch_threads": info["torch_threads"],
+            "llmtune_file": info["llmtune_file"],
         },
     )
 
@@ -394,16 +504,18 @@ def run_trainer(args: argparse.Namespace, recipe: Path, work: Path, repeat: int)
         work / f"trainer-{repeat}.json",
         [str(recipe), str(work / f"trainer-{repeat}"), str(args.window)],
         work / f"trainer-{repeat}.log",
-        args.timeout,
+        args,
     )
-    keep = ("tokens_per_s", "max_rss_mib", "seconds", "mean_train_loss")
+    keep = ("tokens_per_s", "max_rss_mib", "train_max_rss_mib", "seconds", "mean_train_loss", "other_cpu_pct")
     return Run(
         TRAINER,
         repeat,
         tokens_per_s=info["tokens_per_s"],
         max_rss_mib=info["max_rss_mib"],
+        train_max_rss_mib=info.get("train_max_rss_mib"),
         wall_s=info["seconds"],
         mean_train_loss=info["mean_train_loss"],
+        other_cpu_pct=info.get("other_cpu_pct"),
         extra={k: v for k, v in info.items() if k not in keep},
     )
 
@@ -414,7 +526,14 @@ def check_same_work(runs: list[Run], prepared: dict[str, Any], args: argparse.Na
     for run in runs:
         if run.extra.get("cache_dir") != prepared["cache_dir"]:
             where = run.extra.get("cache_dir")
-            raise BenchError(f"{run.side} #{run.repeat} trained on {where}, not {prepared['cache_dir']}")
+            raise BenchError(
+                f"{run.side} #{run.repeat} trained on {where}, not {prepared['cache_dir']} (did llmtune's "
+                "code change during the benchmark? run without --no-snapshot)"
+            )
+    for run in [*runs, prepared]:
+        where = Path(run.extra["llmtune_file"] if isinstance(run, Run) else run["llmtune_file"]).resolve()
+        if not where.is_relative_to(Path(args.llmtune_path).resolve()):
+            raise BenchError(f"a run imported llmtune from {where}, not from {args.llmtune_path}")
     params = {run.extra.get("parameters") for run in runs}
     if len(params) != 1:
         raise BenchError(f"the two sides built models of different sizes: {sorted(map(str, params))}")
@@ -428,11 +547,16 @@ def check_same_work(runs: list[Run], prepared: dict[str, Any], args: argparse.Na
 def report(runs: list[Run], header: list[str]) -> str:
     """The printed table: each run, each side's median, and the llmtune / Trainer ratios."""
     lines = [*header, ""]
-    lines.append(f"{'run':<12} {'tokens/s':>10} {'peak RSS MiB':>13} {'wall s':>8} {'mean loss':>10} {'load':>6}")
+    lines.append(
+        f"{'run':<12} {'tokens/s':>10} {'peak RSS MiB':>13} {'at train end':>13} {'wall s':>8} {'mean loss':>10} "
+        f"{'other CPU %':>12}"
+    )
     for run in runs:
+        other = "n/a" if run.other_cpu_pct is None else f"{run.other_cpu_pct:.1f}"
+        train = "n/a" if run.train_max_rss_mib is None else f"{run.train_max_rss_mib:.1f}"
         lines.append(
             f"{run.side + ' #' + str(run.repeat):<12} {run.tokens_per_s:>10.1f} {run.max_rss_mib:>13.1f} "
-            f"{run.wall_s:>8.1f} {run.mean_train_loss:>10.4f} {run.load_before:>6.2f}"
+            f"{train:>13} {run.wall_s:>8.1f} {run.mean_train_loss:>10.4f} {other:>12}"
         )
     medians: dict[str, tuple[float, float]] = {}
     lines.append("")
@@ -445,10 +569,22 @@ def report(runs: list[Run], header: list[str]) -> str:
             f"median {side:<8} tokens/s {medians[side][0]:>8.1f} (min {min(tps):.1f}, max {max(tps):.1f})"
             f" | peak RSS {medians[side][1]:>7.1f} MiB (min {min(rss):.1f}, max {max(rss):.1f})"
         )
-    lines.append(
+    ratio = (
         f"ratio llmtune / Trainer: tokens/s {medians[LLMTUNE][0] / medians[TRAINER][0]:.3f}"
         f" | peak RSS {medians[LLMTUNE][1] / medians[TRAINER][1]:.3f}"
     )
+    at_end = {side: [r.train_max_rss_mib for r in runs if r.side == side] for side in (LLMTUNE, TRAINER)}
+    if all(v is not None for values in at_end.values() for v in values):
+        mine, theirs = (statistics.median(at_end[side]) for side in (LLMTUNE, TRAINER))  # type: ignore[type-var]
+        ratio += f" | peak RSS at train end {mine / theirs:.3f} ({mine:.1f} / {theirs:.1f} MiB)"
+    lines.append(ratio)
+    busy = [r for r in runs if (r.other_cpu_pct or 0.0) > OTHER_CPU_WARN]
+    if busy:
+        names = ", ".join(f"{r.side} #{r.repeat}" for r in busy)
+        lines.append(
+            f"warning: other processes used more than {OTHER_CPU_WARN:.0f}% of the CPUs during {names}; "
+            "their figures are contended (rerun on a quiet machine, or rely on the medians)"
+        )
     return "\n".join(lines)
 
 
@@ -482,6 +618,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=None, help="llmtune data cache (default $LLMTUNE_CACHE or ~/.cache).")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-causal-lm"), help="Recipe, runs and logs.")
     parser.add_argument("--timeout", type=float, default=600, help="Seconds one child run may take.")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60,
+        help="Before each run, wait up to this many seconds for other processes to leave the CPUs idle (0: no).",
+    )
+    parser.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="Import llmtune from the working tree in every run instead of from a copy taken at the start.",
+    )
     parser.add_argument("--json", default=None, help="Also write every run's figures to this JSON file.")
     args = parser.parse_args(argv)
     if args.window < 1 or args.steps % args.window or args.steps < 2 * args.window:
@@ -510,20 +657,25 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     recipe = work / "recipe.yaml"
     started = time.perf_counter()
+    if args.no_snapshot:
+        args.llmtune_path, version = ROOT, _git_version() + " (live working tree)"
+    else:
+        args.llmtune_path, version = snapshot_llmtune(work)
     try:
         described = write_recipe(args, recipe)
         print(f"preparing data and tokenizer (untimed) for {described} ...", file=sys.stderr, flush=True)
-        prepared = _child("_prepare", work / "prepare.json", [str(recipe)], work / "prepare.log", args.timeout)
+        prepared = _child("_prepare", work / "prepare.json", [str(recipe)], work / "prepare.log", args)
         runs: list[Run] = []
         for repeat in range(1, args.repeats + 1):
             for side, fn in ((LLMTUNE, run_llmtune), (TRAINER, run_trainer)):
-                load = os.getloadavg()[0]
+                if args.quiet_wait > 0:
+                    wait_for_quiet(args.quiet_wait)
                 run = fn(args, recipe, work, repeat)
-                run.load_before = load
                 runs.append(run)
+                other = "" if run.other_cpu_pct is None else f", other processes {run.other_cpu_pct:.0f}% CPU"
                 print(
                     f"[{len(runs)}/{2 * args.repeats}] {side} #{repeat}: {run.tokens_per_s:.1f} tokens/s, "
-                    f"peak RSS {run.max_rss_mib:.1f} MiB, {run.wall_s:.1f}s",
+                    f"peak RSS {run.max_rss_mib:.1f} MiB, {run.wall_s:.1f}s{other}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -538,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = args.steps - args.window
     header = [
         f"llmtune vs transformers.Trainer: causal-LM pretraining, {args.repeats} alternating runs each",
+        f"llmtune {version}, imported from {args.llmtune_path}",
         f"data: {described}; {prepared['train_blocks']:,} train blocks of {args.block_size} tokens "
         f"(cache {prepared['cache_dir']})",
         f"model: {Path(args.model_config).name}, vocab {prepared['vocab']}, {first['parameters']:,} parameters",
@@ -553,7 +706,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"\ntotal benchmark time {time.perf_counter() - started:.0f}s; logs and runs in {work}")
     if args.json:
-        _write_json(args.json, {"args": vars(args), "prepared": prepared, "runs": [asdict(r) for r in runs]})
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        _write_json(
+            args.json, {"args": settings, "llmtune": version, "prepared": prepared, "runs": [asdict(r) for r in runs]}
+        )
     return 0
 
 

@@ -62,7 +62,7 @@ def build_tokenizer(
         return load_pretrained_tokenizer(name, model.revision, model.trust_remote_code), f"pretrained {name}"
     from transformers import PreTrainedTokenizerFast
 
-    from llmtune.tokenizer_training import train_byte_level_bpe
+    from llmtune.tokenizer_training import train_byte_level_bpe, train_unigram, train_wordpiece
 
     key = hashlib.sha256(
         json.dumps([data_fingerprint, spec.train.model_dump(mode="json")], sort_keys=True).encode()
@@ -70,7 +70,13 @@ def build_tokenizer(
     where = cache_root(cache_dir) / "tokenizers" / key
     if (where / "tokenizer.json").is_file():
         return ensure_pad_token(PreTrainedTokenizerFast.from_pretrained(str(where))), f"cached {where}"
-    tok = train_byte_level_bpe(texts(), spec.train.vocab_size, spec.train.min_frequency, spec.train.special_tokens)
+    t = spec.train
+    if t.kind == "wordpiece":
+        tok = train_wordpiece(texts(), t.vocab_size, t.min_frequency, t.lowercase, t.special_tokens)
+    elif t.kind == "unigram":
+        tok = train_unigram(texts(), t.vocab_size, t.num_sentinels, t.special_tokens)
+    else:
+        tok = train_byte_level_bpe(texts(), t.vocab_size, t.min_frequency, t.special_tokens)
     with atomic_dir(where) as tmp:
         tok.save_pretrained(str(tmp))
     return tok, f"trained {spec.train.kind}, vocab {len(tok)}"
@@ -132,6 +138,8 @@ def build_model(spec: ModelSpec, tokenizer: Any, auto_class_name: str, task_name
         if not hasattr(config, key):
             raise UserError(f"model.config.{key}: {config.model_type} configs have no such key")
         setattr(config, key, value)
+    if spec.from_scratch is not None and getattr(config, "is_encoder_decoder", False):
+        config.decoder_start_token_id = tokenizer.pad_token_id  # T5's convention: decoding starts from PAD
     for name in ("bos", "eos", "pad"):
         if getattr(tokenizer, f"{name}_token_id", None) is not None and (
             spec.from_scratch is not None or getattr(config, f"{name}_token_id", None) is None
@@ -151,7 +159,7 @@ def build_model(spec: ModelSpec, tokenizer: Any, auto_class_name: str, task_name
     else:
         model = auto_class.from_config(config, trust_remote_code=spec.trust_remote_code)
     check_vocab(model, tokenizer)
-    if model.generation_config is not None and model.config.pad_token_id is not None:
+    if getattr(model, "generation_config", None) is not None and model.config.pad_token_id is not None:
         model.generation_config.pad_token_id = model.config.pad_token_id
     return model
 

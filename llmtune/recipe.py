@@ -47,9 +47,13 @@ class ModelSpec(Section):
 class TokenizerTrainSpec(Section):
     """A tokenizer trained on the training split before the model is built."""
 
-    kind: Literal["byte-level-bpe"] = "byte-level-bpe"
+    kind: Literal["byte-level-bpe", "wordpiece", "unigram"] = Field(
+        "byte-level-bpe", description="byte-level-bpe (GPT-2), wordpiece (BERT) or unigram (T5, SentencePiece-style)."
+    )
     vocab_size: int = Field(8192, ge=300)
     min_frequency: int = Field(2, ge=1)
+    lowercase: bool = Field(False, description="Lowercase before tokenising (wordpiece, as uncased BERT).")
+    num_sentinels: int = Field(100, ge=1, description="<extra_id_N> sentinels (unigram, for span corruption).")
     special_tokens: list[str] = Field(default_factory=list, description="Extra special tokens to add.")
 
 
@@ -160,6 +164,28 @@ class TrainSpec(Section):
         return self
 
 
+class MaskingSpec(Section):
+    """Masked-LM masking (BERT): chosen share of non-special tokens, split 80/10/10 mask/random/keep."""
+
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    mask_fraction: float = Field(0.8, ge=0, le=1, description="Chosen tokens replaced by [MASK].")
+    random_fraction: float = Field(0.1, ge=0, le=1, description="Chosen tokens replaced by a random token.")
+    whole_word_masking: bool = False
+
+    @model_validator(mode="after")
+    def _fractions(self) -> MaskingSpec:
+        if self.mask_fraction + self.random_fraction > 1:
+            raise ValueError("masking.mask_fraction + masking.random_fraction must not exceed 1")
+        return self
+
+
+class SpanCorruptionSpec(Section):
+    """T5 span corruption: noise density and mean span length, as published (Raffel et al., 2020)."""
+
+    noise_density: float = Field(0.15, gt=0, lt=1)
+    mean_noise_span_length: float = Field(3.0, ge=1)
+
+
 class Bound(Section):
     """An expected range for one final metric."""
 
@@ -176,11 +202,13 @@ class Bound(Section):
 class Recipe(Section):
     """A whole run: task, model, tokenizer, data, training, expected metrics, output directory."""
 
-    task: Literal["causal-lm"]
+    task: Literal["causal-lm", "masked-lm", "span-corruption"]
     model: ModelSpec
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
+    masking: MaskingSpec | None = Field(None, description="masked-lm only.")
+    span_corruption: SpanCorruptionSpec | None = Field(None, description="span-corruption only.")
     expect: dict[str, Bound] = Field(default_factory=dict)
     tracking: list[Literal["tensorboard"]] = Field(default_factory=list)
     output_dir: str = "runs/llmtune"
@@ -189,6 +217,13 @@ class Recipe(Section):
     def _tokenizer_source(self) -> Recipe:
         if self.model.from_scratch is not None and self.tokenizer == TokenizerSpec():
             raise ValueError("a from-scratch model needs tokenizer.pretrained or tokenizer.train")
+        for key, task in (("masking", "masked-lm"), ("span_corruption", "span-corruption")):
+            if getattr(self, key) is not None and self.task != task:
+                raise ValueError(f"'{key}' applies to task {task}, not {self.task}; remove it")
+        if self.task == "masked-lm" and self.masking is None:
+            self.masking = MaskingSpec()
+        if self.task == "span-corruption" and self.span_corruption is None:
+            self.span_corruption = SpanCorruptionSpec()
         return self
 
 

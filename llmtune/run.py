@@ -87,6 +87,10 @@ def _accelerator(recipe: Recipe) -> Any:
     from accelerate.utils import DataLoaderConfiguration
 
     train = recipe.train
+    if train.precision == "fp16" and recipe.task == "span-corruption":
+        print(
+            'warning: T5 overflows in fp16 (NaN losses); use precision: bf16 on a GPU that has it, or "no"', flush=True
+        )
     if train.precision != "no" and not has_accelerator():
         if train.precision == "fp16":
             raise UserError('train.precision: fp16 needs a GPU; use bf16 (slow on most CPUs) or "no" on a CPU')
@@ -172,7 +176,7 @@ def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overw
     from llmtune.trainer import Trainer
 
     quiet_libraries()
-    task = get_task(recipe.task)
+    task = get_task(recipe.task, recipe)
     _check_metric_names(recipe, task)
     accelerator = _accelerator(recipe)
     started = time.perf_counter()
@@ -190,7 +194,7 @@ def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overw
     prep_seconds = time.perf_counter() - started
     set_seed(recipe.train.seed)
     model = build_model(recipe.model, tokenizer, task.auto_class, task.name)
-    task.check(recipe.data, model, tokenizer)
+    task.setup(recipe.data, model, tokenizer)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -235,6 +239,16 @@ def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overw
                 "data: "
                 + ", ".join(
                     f"{k.removesuffix('_tokens')} {v:,} tokens" for k, v in stats.items() if k.endswith("_tokens")
+                ),
+                *(
+                    [
+                        "sequences: "
+                        + ", ".join(
+                            f"{k} {v}" for k, v in stats.items() if not k.endswith(("_tokens", "cache", "_seconds"))
+                        )
+                    ]
+                    if any(not k.endswith(("_tokens", "cache", "_seconds")) for k in stats)
+                    else []
                 ),
                 f"data preparation: {prep_seconds:.2f}s (loading, tokenizer, tokenising; tokenised data: cache "
                 f"{stats['cache']})",
@@ -342,7 +356,10 @@ def evaluate_model(
     from llmtune.modeling import context_length, load_for_inference
     from llmtune.tasks import get_task
 
-    task = get_task(task_name or (recipe.task if recipe else "causal-lm"))
+    task = get_task(
+        task_name or (recipe.task if recipe else "causal-lm"),
+        recipe if recipe is not None and task_name in (None, recipe.task) else None,
+    )
     model, tokenizer = load_for_inference(
         ref.model, task.auto_class, task.name, recipe.model.trust_remote_code if recipe else False
     )
@@ -352,7 +369,7 @@ def evaluate_model(
         spec.block_size = min(context_length(model.config) or 1024, 1024)
     spec.eval_stride = stride
     spec = DataSpec.model_validate(spec.model_dump())  # re-check stride <= block size
-    task.check(spec, model, tokenizer)
+    task.setup(spec, model, tokenizer)
     raw = load_raw_split(spec)
     prepared = task.prepare(raw, tokenizer, spec)
 

@@ -9,6 +9,7 @@ values back to the host except at log steps.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import shutil
 import signal
@@ -192,6 +193,11 @@ class Trainer:
         return metrics
 
     # --- the loop -----------------------------------------------------------------------------------
+    def _draw_seed(self, micro_index: int) -> int:
+        """A seed for the per-draw randomness of one micro-batch: a pure function of where it is."""
+        key = f"{self.spec.seed}/{self.accelerator.process_index}/{self.state.step}/{micro_index}"
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signal = signum
 
@@ -219,7 +225,10 @@ class Trainer:
         stopped_early = interrupted = False
         try:
             while st.step < self.total_steps:
-                micro = [next(batches) for _ in range(spec.grad_accum)]
+                micro = [
+                    (epoch, consumed, task.draw(batch, self._draw_seed(index)))
+                    for index, (epoch, consumed, batch) in enumerate(next(batches) for _ in range(spec.grad_accum))
+                ]
                 num_items = sum(task.count_items(b) for _, _, b in micro)
                 if world > 1:
                     num_items = acc.reduce(num_items, "sum")

@@ -29,14 +29,21 @@ class Task(Protocol):
     auto_class: str  # the transformers auto class that builds and loads the model
     metric_names: tuple[str, ...]  # what `metrics` returns: the names expect:/best_metric may use
 
-    def check(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
-        """Refuse, with a `UserError`, settings that this model or tokenizer cannot serve."""
+    def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
+        """Refuse (`UserError`) settings this model or tokenizer cannot serve; keep what the task needs of them."""
 
     def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
         """Raw rows -> model inputs for each split (cached across runs)."""
 
     def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None:
         """The batch collate function, or None for the default tensor stacking."""
+
+    def draw(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        """A training batch as the model sees it this time it is drawn (e.g. fresh dynamic masks).
+
+        `seed` is a pure function of (recipe seed, rank, step, micro-batch), so a resumed run draws
+        exactly what an uninterrupted one would.
+        """
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """How many targets the loss of this batch counts (a 0-d tensor; no host sync)."""

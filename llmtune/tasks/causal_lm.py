@@ -65,7 +65,10 @@ class CausalLM:
     auto_class = "AutoModelForCausalLM"
     metric_names = ("eval/loss", "eval/perplexity", "eval/tokens")
 
-    def check(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
+    def __init__(self, spec: None = None, seed: int = 0) -> None:
+        self.seed = seed
+
+    def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
         """Refuse a block size longer than the model's context."""
         limit = context_length(model.config)
         if limit is not None and data.block_size > limit:
@@ -103,6 +106,10 @@ class CausalLM:
     def collator(self, tokenizer: Any) -> None:
         """Blocks and windows are all `block_size` long: default stacking is enough."""
         return None
+
+    def draw(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        """Causal LM has no per-draw randomness."""
+        return batch
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokens predicted in the batch: every position after the first of each row that has a label."""
