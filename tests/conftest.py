@@ -120,3 +120,38 @@ def load_tensors(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def run_interrupted(recipe: Path, run_dir: Path, after_step: int = 12) -> int:
+    """Start `llmtune pretrain`, SIGTERM it once `after_step` is logged; return the last logged step."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmtune", "pretrain", str(recipe)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= after_step for r in read_metrics(run_dir)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert not (run_dir / "final").exists()
+    return max(r["step"] for r in read_metrics(run_dir))
+
+
+def assert_same_tensors(a_file: Path, b_file: Path) -> None:
+    """Two safetensors files hold bit-identical tensors."""
+    import torch
+
+    a, b = load_tensors(a_file), load_tensors(b_file)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

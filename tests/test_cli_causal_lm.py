@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import load_tensors, read_metrics, run_cli, tiny_recipe, write_recipe
+from tests.conftest import (
+    assert_same_tensors,
+    load_tensors,
+    read_metrics,
+    run_cli,
+    run_interrupted,
+    tiny_recipe,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -172,34 +178,13 @@ def test_interrupted_run_resumes_bit_identical(corpus: dict[str, Path], tmp_path
 
     broken = tmp_path / "broken"
     recipe = write_recipe(tmp_path / "b.yaml", _resume_recipe(corpus, broken))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmtune", "pretrain", str(recipe)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if (broken / "metrics.jsonl").exists() and any(r["step"] >= 12 for r in read_metrics(broken)):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err
-    assert not (broken / "final").exists()
-    stopped_at = max(r["step"] for r in read_metrics(broken))
+    stopped_at = run_interrupted(recipe, broken)
     assert stopped_at < 150
 
     resumed = run_cli("pretrain", str(recipe), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step {stopped_at})" in resumed.stdout
-    a = load_tensors(straight / "final" / "model.safetensors")
-    b = load_tensors(broken / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_tensors(straight / "final" / "model.safetensors", broken / "final" / "model.safetensors")
     # metrics.jsonl of the resumed run has each step once, and the same losses as the straight run.
     steps = [r["step"] for r in read_metrics(broken) if "train/loss" in r]
     assert steps == sorted(set(steps))
