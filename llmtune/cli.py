@@ -30,7 +30,7 @@ def pretrain(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir exactly.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in output_dir.")] = False,
 ) -> None:
-    """Pretrain a model (task: causal-lm) as the recipe says; exit 1 if an expect: bound is missed."""
+    """Pretrain as the recipe says (causal-lm, masked-lm, span-corruption); exit 1 if an expect: bound is missed."""
     from llmtune.run import pretrain as run_pretrain
 
     raise typer.Exit(run_pretrain(recipe, set_ or [], resume=resume, overwrite=overwrite))
@@ -63,11 +63,14 @@ def eval_(
     block_size: Annotated[int | None, typer.Option(help="Window length; default the run's or the model's.")] = None,
     stride: Annotated[int | None, typer.Option(help="Sliding-window stride; default the window length.")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per batch.")] = 8,
-    task: Annotated[str | None, typer.Option(help="Task whose metrics to compute; default the run's.")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="causal-lm, masked-lm or span-corruption; default the run's, else causal-lm.")
+    ] = None,
     output: Annotated[str | None, typer.Option(help="Also write the metrics JSON here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Evaluate a saved model: token-weighted sliding-window perplexity for causal LMs."""
+    """Evaluate a saved model: sliding-window perplexity (causal-lm), masked-token loss/accuracy
+    (masked-lm), target-token loss/accuracy (span-corruption)."""
     from llmtune.run import evaluate_model
 
     result = evaluate_model(model, data, split, text_column, data_config, block_size, stride, batch_size, task, output)
@@ -76,7 +79,11 @@ def eval_(
         return
     typer.echo(
         f"model: {result['model']}\ndata: {result['data']} ({result['split']}), "
-        f"window {result['block_size']}, stride {result['stride']}"
+        + (
+            f"window {result['block_size']}, stride {result['stride']}"
+            if "stride" in result
+            else f"sequence length {result['block_size']}"
+        )
     )
     width = max(len(k) for k in result["metrics"])
     for key, value in result["metrics"].items():

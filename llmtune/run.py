@@ -390,8 +390,9 @@ def evaluate_model(
         "model": ref.model,
         "data": data or "recipe validation split",
         "split": split,
+        "task": task.name,
         "block_size": spec.block_size,
-        "stride": spec.eval_stride or spec.block_size,
+        **({"stride": spec.eval_stride or spec.block_size} if task.name == "causal-lm" else {}),
         "metrics": metrics,
     }
     if accelerator.is_main_process:
