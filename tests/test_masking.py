@@ -196,7 +196,7 @@ def multi_piece_batch(tok: Any) -> dict[str, torch.Tensor]:
     for _ in range(32):
         row = []
         for _ in range(12):
-            word = rng.choice(words) + rng.choice(words + ["", "s", "ed", "ing"])
+            word = rng.choice(words) + rng.choice([*words, "", "s", "ed", "ing"])
             row.append(word)
         texts.append(" ".join(row))
     return padded_batch(tok, texts)
@@ -239,7 +239,9 @@ def test_without_whole_word_masking_words_are_split(
 # --- seeding -----------------------------------------------------------------------------------------
 
 
-def test_same_seed_same_masks_other_seed_other_masks(tok: Any, bert: Any, data_spec: DataSpec, train_batch: Any) -> None:
+def test_same_seed_same_masks_other_seed_other_masks(
+    tok: Any, bert: Any, data_spec: DataSpec, train_batch: Any
+) -> None:
     task = make_task(tok, bert, data_spec)
     a, b, c = task.draw(train_batch, 7), task.draw(train_batch, 7), task.draw(train_batch, 8)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
@@ -362,8 +364,12 @@ def test_recipe_refuses_short_mean_span(length: float) -> None:
 
 @pytest.mark.parametrize(
     ("task", "key"),
-    [("causal-lm", "masking"), ("causal-lm", "span_corruption"), ("masked-lm", "span_corruption"),
-     ("span-corruption", "masking")],
+    [
+        ("causal-lm", "masking"),
+        ("causal-lm", "span_corruption"),
+        ("masked-lm", "span_corruption"),
+        ("span-corruption", "masking"),
+    ],
 )
 def test_recipe_refuses_options_of_another_task(task: str, key: str) -> None:
     with pytest.raises(UserError, match=key):

@@ -131,6 +131,19 @@ def test_noise_mask_statistics() -> None:
     assert len(set(span_lengths)) > 3  # spans really vary in length (random segmentation)
 
 
+@pytest.mark.parametrize(
+    ("length", "density", "span"),
+    [(141, 0.15, 3.0), (70, 0.3, 2.0), (63, 0.5, 1.0), (106, 0.8, 2.0), (63, 0.6, 1.0), (158, 0.9, 3.0)],
+)
+def test_noise_mask_has_exactly_the_noise_count(length: int, density: float, span: float) -> None:
+    """T5's mask always holds round(length * density) noise tokens, whatever the random segmentation
+    (also when there are more noise spans than non-noise tokens, so some non-noise segments are empty)."""
+    for i in range(50):
+        mask = random_spans_noise_mask(length, density, span, np.random.default_rng(i))
+        assert int(mask.sum()) == round(length * density)
+        assert not mask[0]
+
+
 def test_noise_mask_varies_with_rng_and_repeats_with_seed() -> None:
     a = random_spans_noise_mask(141, 0.15, 3.0, np.random.default_rng(3))
     b = random_spans_noise_mask(141, 0.15, 3.0, np.random.default_rng(3))
@@ -141,7 +154,9 @@ def test_noise_mask_varies_with_rng_and_repeats_with_seed() -> None:
 # --- corrupt -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("length", "density", "span"), [(141, 0.15, 3.0), (70, 0.3, 2.0), (50, 0.5, 1.0), (9, 0.15, 3)])
+@pytest.mark.parametrize(
+    ("length", "density", "span"), [(141, 0.15, 3.0), (70, 0.3, 2.0), (50, 0.5, 1.0), (9, 0.15, 3)]
+)
 def test_corrupt_is_lossless_with_ordered_sentinels(length: int, density: float, span: float) -> None:
     sentinels = np.arange(SENTINEL_BASE, SENTINEL_BASE + length)
     sentinel_set = set(sentinels.tolist())
@@ -289,3 +304,21 @@ def test_setup_refuses_too_few_sentinels(t5: Any, data_spec: DataSpec) -> None:
     with pytest.raises(UserError, match="extra_id_2"):
         SpanCorruption().setup(spec, t5, few)
     SpanCorruption().setup(data_spec.model_copy(update={"block_size": 16}), t5, few)  # 2 spans: enough
+
+
+@pytest.mark.parametrize(("density", "span"), [(0.5, 1.0), (0.6, 1.0), (0.8, 2.0), (0.9, 3.0)])
+def test_task_dense_noise_is_refused_or_has_fixed_shapes(
+    t5: Any, data_spec: DataSpec, density: float, span: float
+) -> None:
+    """Settings the recipe accepts either fail setup with a UserError or draw (B, block) / (B, target) rows."""
+    many = train_unigram(synthetic_documents(100), vocab_size=400, num_sentinels=100)
+    task = SpanCorruption(SpanCorruptionSpec(noise_density=density, mean_noise_span_length=span))
+    try:
+        task.setup(data_spec, t5, many)
+    except UserError:
+        return
+    rows = torch.from_numpy(np.random.default_rng(0).integers(3, 40, size=(4, task.raw_length)))
+    for seed in range(5):
+        out = task.draw({"input_ids": rows}, seed)
+        assert out["input_ids"].shape == (4, BLOCK)
+        assert out["labels"].shape == (4, task.target_length)

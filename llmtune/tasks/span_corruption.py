@@ -34,7 +34,9 @@ def _noise_counts(length: int, noise_density: float, mean_span: float) -> tuple[
     """(noise tokens, noise spans) for a raw length, with T5's guards against degenerate cases."""
     length = max(length, 2)
     noise = min(max(round(length * noise_density), 1), length - 1)
-    return noise, max(round(noise / mean_span), 1)
+    # At most one span per non-noise token: every noise span needs a non-noise span before it. (T5's
+    # code has no such cap and draws empty non-noise spans for very dense noise; we keep spans real.)
+    return noise, min(max(round(noise / mean_span), 1), length - noise)
 
 
 def input_and_target_lengths(inputs_length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
@@ -51,7 +53,7 @@ def input_and_target_lengths(inputs_length: int, noise_density: float, mean_span
     _, targets = lengths(tokens)
     if noise_density == 0.5 and targets > inputs_length:  # T5's own adjustment, kept as published
         tokens -= 1
-        targets -= 1
+        _, targets = lengths(tokens)
     return tokens, targets
 
 
@@ -71,7 +73,7 @@ def random_spans_noise_mask(
     lengths = np.stack([segmentation(total - noise, spans), segmentation(noise, spans)], axis=1).reshape(-1)
     starts = np.cumsum(lengths)[:-1]
     indicator = np.zeros(total, dtype=np.int64)
-    indicator[starts] = 1
+    np.add.at(indicator, starts, 1)
     return (np.cumsum(indicator) % 2 == 1)[:length]
 
 
@@ -102,7 +104,7 @@ class SpanCorruption:
         self.spec = spec or SpanCorruptionSpec()
         self.seed = seed
         self.sentinels = np.zeros(0, dtype=np.int64)
-        self.eos = -1
+        self.eos = self.pad = -1
         self.raw_length = self.target_length = self.input_length = 0
 
     def _lengths(self, block_size: int) -> None:
@@ -129,6 +131,7 @@ class SpanCorruption:
                 )
             ids.append(token_id)
         self.sentinels, self.eos = np.array(ids, dtype=np.int64), tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
         """Raw chunks of the length that corrupts to `block_size` encoder tokens (tails dropped)."""
@@ -174,7 +177,7 @@ class SpanCorruption:
         mask = torch.ones_like(enc)
         if enc.shape[1] < self.input_length:  # the published length search can land one short: pad
             pad = self.input_length - enc.shape[1]
-            enc = torch.nn.functional.pad(enc, (0, pad), value=0)
+            enc = torch.nn.functional.pad(enc, (0, pad), value=self.pad)
             mask = torch.nn.functional.pad(mask, (0, pad), value=0)
         return {"input_ids": enc, "attention_mask": mask, "labels": torch.from_numpy(np.stack(targets)).to(raw.device)}
 
