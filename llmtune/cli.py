@@ -67,13 +67,18 @@ def eval_(
         str | None, typer.Option(help="causal-lm, masked-lm or span-corruption; default the run's, else causal-lm.")
     ] = None,
     output: Annotated[str | None, typer.Option(help="Also write the metrics JSON here.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of evaluation masks/spans; default the run's train.seed, else 0.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Evaluate a saved model: sliding-window perplexity (causal-lm), masked-token loss/accuracy
     (masked-lm), target-token loss/accuracy (span-corruption)."""
     from llmtune.run import evaluate_model
 
-    result = evaluate_model(model, data, split, text_column, data_config, block_size, stride, batch_size, task, output)
+    result = evaluate_model(
+        model, data, split, text_column, data_config, block_size, stride, batch_size, task, output, seed
+    )
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return

@@ -325,6 +325,7 @@ def evaluate_model(
     batch_size: int,
     task_name: str | None,
     output: str | None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """`llmtune eval`: the task's metrics of a saved model on a dataset (by default the run's validation split)."""
     ref = resolve_model(model_name)
@@ -360,6 +361,8 @@ def evaluate_model(
         task_name or (recipe.task if recipe else "causal-lm"),
         recipe if recipe is not None and task_name in (None, recipe.task) else None,
     )
+    if seed is not None:
+        task.seed = seed  # masks / spans of masked-lm and span-corruption evaluation
     model, tokenizer = load_for_inference(
         ref.model, task.auto_class, task.name, recipe.model.trust_remote_code if recipe else False
     )
@@ -391,6 +394,7 @@ def evaluate_model(
         "data": data or "recipe validation split",
         "split": split,
         "task": task.name,
+        "seed": task.seed,
         "block_size": spec.block_size,
         **({"stride": spec.eval_stride or spec.block_size} if task.name == "causal-lm" else {}),
         "metrics": metrics,

@@ -28,6 +28,7 @@ class Task(Protocol):
     name: str
     auto_class: str  # the transformers auto class that builds and loads the model
     metric_names: tuple[str, ...]  # what `metrics` returns: the names expect:/best_metric may use
+    seed: int  # seeds evaluation randomness (masks, spans) per example
 
     def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
         """Refuse (`UserError`) settings this model or tokenizer cannot serve; keep what the task needs of them."""
