@@ -51,6 +51,17 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Any:
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they run ~100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY_GPT2 = {
     "model_type": "gpt2",
     "n_layer": 2,

@@ -23,13 +23,7 @@ SEQ, VOCAB, ROWS = 16, 50, 8
 LABELLED = [2, 2, 3, 2, 16, 2, 3, 2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they run ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

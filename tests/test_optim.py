@@ -11,14 +11,7 @@ import torch
 from llmtune.optim import build_optimizer, build_schedule, parameter_groups
 from llmtune.recipe import TrainSpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they run ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -26,13 +26,7 @@ EOS = 1
 SENTINEL_BASE = 10_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they run ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def runs(mask: np.ndarray) -> list[int]:
