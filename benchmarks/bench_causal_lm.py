@@ -67,6 +67,14 @@ def max_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def cuda_peak_mib() -> float | None:
+    """Peak CUDA memory allocated by this process's tensors, in MiB; None without a GPU (or torch not imported)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / (1024 * 1024)
+
+
 def tokens_per_step(num_blocks: int, batch_size: int, block_size: int, steps: int) -> list[int]:
     """Tokens in each of `steps` optimizer steps over a shuffled loader that keeps the short last batch.
 
@@ -132,6 +140,7 @@ def child_llmtune(result_path: str, cli_args: list[str]) -> None:
                 "returncode": code,
                 "max_rss_mib": max_rss_mib(),
                 "train_max_rss_mib": train_peak[0] if train_peak else None,
+                "cuda_peak_mib": cuda_peak_mib(),
                 "seconds": time.perf_counter() - started,
                 "torch_threads": torch.get_num_threads(),
             },
@@ -282,6 +291,7 @@ def child_trainer(result_path: str, recipe_path: str, output_dir: str, window: i
             "torch_threads": torch.get_num_threads(),
             "max_rss_mib": max_rss_mib(),
             "train_max_rss_mib": train_peak,
+            "cuda_peak_mib": cuda_peak_mib(),
             "seconds": time.perf_counter() - started,
         },
     )
@@ -493,6 +503,7 @@ def run_llmtune(args: argparse.Namespace, recipe: Path, work: Path, repeat: int)
             "device": env.get("device"),
             "torch_threads": info["torch_threads"],
             "llmtune_file": info["llmtune_file"],
+            "cuda_peak_mib": info.get("cuda_peak_mib"),
         },
     )
 
@@ -578,6 +589,10 @@ def report(runs: list[Run], header: list[str]) -> str:
         mine, theirs = (statistics.median(at_end[side]) for side in (LLMTUNE, TRAINER))  # type: ignore[type-var]
         ratio += f" | peak RSS at train end {mine / theirs:.3f} ({mine:.1f} / {theirs:.1f} MiB)"
     lines.append(ratio)
+    cuda = {side: [r.extra.get("cuda_peak_mib") for r in runs if r.side == side] for side in (LLMTUNE, TRAINER)}
+    if all(v is not None for values in cuda.values() for v in values):
+        mine, theirs = (statistics.median(cuda[side]) for side in (LLMTUNE, TRAINER))  # type: ignore[type-var]
+        lines.append(f"median CUDA peak allocated: llmtune {mine:.1f} / Trainer {theirs:.1f} MiB = {mine / theirs:.3f}")
     busy = [r for r in runs if (r.other_cpu_pct or 0.0) > OTHER_CPU_WARN]
     if busy:
         names = ", ".join(f"{r.side} #{r.repeat}" for r in busy)

@@ -58,7 +58,7 @@ def _check_utf8(path: Path) -> None:
             raise UserError(f"{path}: not UTF-8 text (truncated character at the end)") from None
 
 
-def _load_files(split: str, paths: list[str]) -> tuple[Dataset, str]:
+def _load_files(split: str, paths: list[str], declared: str | None = None) -> tuple[Dataset, str]:
     from datasets import load_dataset
 
     formats = set()
@@ -67,10 +67,12 @@ def _load_files(split: str, paths: list[str]) -> tuple[Dataset, str]:
         path = Path(p)
         if not path.is_file():
             raise UserError(f"data.files.{split}: file {p!r} does not exist")
-        fmt = FILE_FORMATS.get(path.suffix.lower())
+        fmt = declared or FILE_FORMATS.get(path.suffix.lower())
         if fmt is None:
             raise UserError(
-                f"data.files.{split}: {p!r} has an unknown extension; use one of " + ", ".join(sorted(FILE_FORMATS))
+                f"data.files.{split}: {p!r} has an unknown extension; use one of "
+                + ", ".join(sorted(FILE_FORMATS))
+                + " or set data.format"
             )
         if fmt in _TEXTUAL:
             _check_utf8(path)
@@ -121,7 +123,7 @@ def _load_split(spec: DataSpec, split: str) -> tuple[Dataset, str] | None:
         paths = spec.files.get(split)
         if paths is None:
             return None
-        return _load_files(split, [paths] if isinstance(paths, str) else list(paths))
+        return _load_files(split, [paths] if isinstance(paths, str) else list(paths), spec.format)
     try:
         return _load_hub(spec, split)
     except KeyError:

@@ -80,6 +80,9 @@ class DataSpec(Section):
     files: dict[str, str | list[str]] | None = Field(
         None, description="Split name -> file(s): .txt, .json/.jsonl, .csv, .parquet."
     )
+    format: Literal["text", "json", "csv", "parquet"] | None = Field(
+        None, description="File format of data.files; default: from the extension (.txt .json .jsonl .csv .parquet)."
+    )
     text_column: str = "text"
     train_split: str = "train"
     validation_split: str = "validation"

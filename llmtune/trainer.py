@@ -273,6 +273,7 @@ class Trainer:
                     running_loss.zero_()
                     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
 
+                paused = time.perf_counter()  # evaluation and checkpoints do not count as training time
                 if spec.eval_every and st.step % spec.eval_every == 0 and st.step < self.total_steps:
                     metrics = self._evaluate(spec.eval_max_batches)
                     progress.message(f"eval step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -282,6 +283,7 @@ class Trainer:
                         stopped_early = True
                 if spec.save_every and st.step % spec.save_every == 0:
                     self.save()
+                window_start += time.perf_counter() - paused
                 if stopped_early:
                     break
                 if self._stop_requested():
