@@ -373,7 +373,9 @@ def evaluate_model(
     spec.eval_stride = stride
     spec = DataSpec.model_validate(spec.model_dump())  # re-check stride <= block size
     task.setup(spec, model, tokenizer)
-    raw = load_raw_split(spec)
+    from llmtune.data import load_raw
+
+    raw = load_raw(spec, splits=("validation",))  # carved off train exactly as training did, if need be
     prepared = task.prepare(raw, tokenizer, spec)
 
     from accelerate import Accelerator
@@ -408,13 +410,6 @@ def evaluate_model(
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
-
-
-def load_raw_split(spec: DataSpec) -> Any:
-    """The evaluation split of a data spec (carved off train exactly as training did, if need be)."""
-    from llmtune.data import load_raw
-
-    return load_raw(spec, splits=("validation",))
 
 
 def generate(

@@ -18,6 +18,7 @@ from llmtune.errors import UserError
 from llmtune.modeling import context_length
 from llmtune.tasks.base import Prepared
 from llmtune.tasks.packing import blocks_dataset, cached_splits, pack_blocks, require_tokens, token_stream
+from llmtune.tasks.token_loss import IGNORE
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CausalLM", "pack_blocks", "sliding_windows"]
 
-IGNORE = -100
 _CACHE_VERSION = "causal-lm/1"
 
 
