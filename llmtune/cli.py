@@ -11,7 +11,7 @@ import typer
 from llmtune.errors import UserError
 
 app = typer.Typer(
-    help="Pretrain Transformer language models from YAML recipes; evaluate and sample from them.",
+    help="Pretrain and fine-tune Transformer language models from YAML recipes; evaluate, predict and sample.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -31,9 +31,23 @@ def pretrain(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in output_dir.")] = False,
 ) -> None:
     """Pretrain as the recipe says (causal-lm, masked-lm, span-corruption); exit 1 if an expect: bound is missed."""
-    from llmtune.run import pretrain as run_pretrain
+    from llmtune.run import train
 
-    raise typer.Exit(run_pretrain(recipe, set_ or [], resume=resume, overwrite=overwrite))
+    raise typer.Exit(train(recipe, set_ or [], resume=resume, overwrite=overwrite, command="pretrain"))
+
+
+@app.command()
+def finetune(
+    recipe: Annotated[str, typer.Argument(help="The recipe YAML file.")],
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir exactly.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in output_dir.")] = False,
+) -> None:
+    """Fine-tune as the recipe says (sequence-classification, token-classification, question-answering,
+    seq2seq, causal-lm / instruction tuning); exit 1 if an expect: bound is missed."""
+    from llmtune.run import train
+
+    raise typer.Exit(train(recipe, set_ or [], resume=resume, overwrite=overwrite, command="finetune"))
 
 
 @app.command()
@@ -47,52 +61,91 @@ def validate(
     typer.echo(dump_recipe(load_recipe(recipe, set_ or [])), nl=False)
 
 
+DataOption = Annotated[
+    str | None,
+    typer.Option(
+        help="A data file (.txt .json .jsonl .csv .tsv .parquet .conll; others with --set data.format=...) or a "
+        "hub dataset name; default: the run's validation split."
+    ),
+]
+SplitOption = Annotated[str, typer.Option(help="Split to evaluate (for hub datasets).")]
+DataConfigOption = Annotated[str | None, typer.Option(help="Hub dataset config, e.g. wikitext-2-raw-v1.")]
+TaskOption = Annotated[
+    str | None,
+    typer.Option(help="The task (e.g. causal-lm, sequence-classification); default the run's, else causal-lm."),
+]
+EvalSetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe key of the evaluation: --set data.label_column=sentiment."),
+]
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Argument(help="A run directory, a model directory or a hub id.")],
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="A data file (.txt/.json/.jsonl/.csv/.parquet) or a hub "
-            "dataset name; default: the run's validation split."
-        ),
-    ] = None,
-    split: Annotated[str, typer.Option(help="Split to evaluate (for hub datasets).")] = "validation",
-    data_config: Annotated[str | None, typer.Option(help="Hub dataset config, e.g. wikitext-2-raw-v1.")] = None,
-    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    data: DataOption = None,
+    split: SplitOption = "validation",
+    data_config: DataConfigOption = None,
+    text_column: Annotated[str | None, typer.Option(help="Column holding the text (data.text_column).")] = None,
     block_size: Annotated[int | None, typer.Option(help="Window length; default the run's or the model's.")] = None,
     stride: Annotated[int | None, typer.Option(help="Sliding-window stride; default the window length.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per batch.")] = 8,
-    task: Annotated[
-        str | None, typer.Option(help="causal-lm, masked-lm or span-corruption; default the run's, else causal-lm.")
-    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples (windows) per batch.")] = 8,
+    task: TaskOption = None,
+    set_: EvalSetOption = None,
     output: Annotated[str | None, typer.Option(help="Also write the metrics JSON here.")] = None,
+    predictions: Annotated[
+        str | None, typer.Option(help="Also write per-example predictions here (JSON lines; fine-tuning tasks).")
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of evaluation masks/spans; default the run's train.seed, else 0.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Evaluate a saved model: sliding-window perplexity (causal-lm), masked-token loss/accuracy
-    (masked-lm), target-token loss/accuracy (span-corruption)."""
+    """Evaluate a saved model with its task's metrics: perplexity (sliding window), masked/target-token
+    loss, accuracy / F1 / Matthews, entity F1, SQuAD EM / F1, BLEU / chrF / ROUGE."""
     from llmtune.run import evaluate_model
 
+    overrides = [*(set_ or []), *([f"data.text_column={text_column}"] if text_column else [])]
     result = evaluate_model(
-        model, data, split, text_column, data_config, block_size, stride, batch_size, task, output, seed
+        model, data, split, data_config, block_size, stride, batch_size, task, output, seed, overrides, predictions
     )
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return
-    typer.echo(
-        f"model: {result['model']}\ndata: {result['data']} ({result['split']}), "
-        + (
-            f"window {result['block_size']}, stride {result['stride']}"
-            if "stride" in result
-            else f"sequence length {result['block_size']}"
-        )
+    shape = (
+        f"window {result['block_size']}, stride {result['stride']}"
+        if "stride" in result
+        else f"sequence length {result['block_size']}"
+        if result["task"] in ("masked-lm", "span-corruption")
+        else result["task"]
     )
-    width = max(len(k) for k in result["metrics"])
+    typer.echo(f"model: {result['model']}\ndata: {result['data']} ({result['split']}), {shape}")
+    width = max((len(k) for k in result["metrics"]), default=0)
     for key, value in result["metrics"].items():
         typer.echo(f"{key.ljust(width)}  {value:.6g}")
+    if "predictions" in result:
+        typer.echo(f"predictions: {result['predictions']['count']} written to {result['predictions']['path']}")
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="A run directory, a model directory or a hub id.")],
+    output: Annotated[str, typer.Option(help="Where to write the predictions (JSON lines, one per example).")],
+    data: DataOption = None,
+    split: SplitOption = "validation",
+    data_config: DataConfigOption = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 8,
+    task: TaskOption = None,
+    set_: EvalSetOption = None,
+) -> None:
+    """Per-example predictions of a fine-tuned model (label, entities, answer text, generated text); the
+    data needs no labels."""
+    from llmtune.run import evaluate_model
+
+    result = evaluate_model(
+        model, data, split, data_config, None, None, batch_size, task, None, None, set_ or [], output, labelled=False
+    )
+    typer.echo(f"{result['predictions']['count']} predictions written to {result['predictions']['path']}")
 
 
 @app.command()

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmtune.corpora import builtin_documents
 from llmtune.errors import UserError
@@ -26,9 +26,11 @@ FILE_FORMATS = {
     ".json": "json",
     ".jsonl": "json",
     ".csv": "csv",
+    ".tsv": "tsv",
     ".parquet": "parquet",
+    ".conll": "conll",
 }
-_TEXTUAL = {"text", "json", "csv"}
+_TEXTUAL = {"text", "json", "csv", "tsv", "conll", "squad", "parallel"}
 
 
 @dataclass
@@ -58,8 +60,81 @@ def _check_utf8(path: Path) -> None:
             raise UserError(f"{path}: not UTF-8 text (truncated character at the end)") from None
 
 
-def _load_files(split: str, paths: list[str], declared: str | None = None) -> tuple[Dataset, str]:
+def _read_conll(paths: list[str], spec: DataSpec) -> Dataset:
+    """CoNLL columns: one token per line (word first, tag last), a blank line between sentences."""
+    from datasets import Dataset
+
+    tokens: list[list[str]] = []
+    tags: list[list[str]] = []
+    for p in paths:
+        words: list[str] = []
+        labels: list[str] = []
+        for number, line in enumerate(Path(p).read_text(encoding="utf-8").splitlines(), start=1):
+            fields = line.split()
+            if not fields or fields[0] == "-DOCSTART-":
+                if words:
+                    tokens.append(words)
+                    tags.append(labels)
+                words, labels = [], []
+                continue
+            if len(fields) < 2:
+                raise UserError(f"{p}, line {number}: a CoNLL line needs a word and a tag, got {line.strip()!r}")
+            words.append(fields[0])
+            labels.append(fields[-1])
+        if words:
+            tokens.append(words)
+            tags.append(labels)
+    return Dataset.from_dict({spec.tokens_column: tokens, spec.tags_column: tags})
+
+
+def _read_squad(paths: list[str], spec: DataSpec) -> Dataset:
+    """SQuAD json (data -> paragraphs -> qas) flattened to one row per question."""
+    from datasets import Dataset
+
+    rows: dict[str, list[Any]] = {spec.id_column: [], spec.context_column: [], spec.question_column: []}
+    rows[spec.answers_column] = []
+    for p in paths:
+        try:
+            articles = json.loads(Path(p).read_text(encoding="utf-8"))["data"]
+            for article in articles:
+                for paragraph in article["paragraphs"]:
+                    for qa in paragraph["qas"]:
+                        rows[spec.id_column].append(str(qa["id"]))
+                        rows[spec.context_column].append(paragraph["context"])
+                        rows[spec.question_column].append(qa["question"])
+                        answers = qa.get("answers", [])
+                        rows[spec.answers_column].append(
+                            {"text": [a["text"] for a in answers], "answer_start": [a["answer_start"] for a in answers]}
+                        )
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserError(
+                f"{p}: not SQuAD json ({type(exc).__name__}: {exc}); expected data -> paragraphs -> "
+                "{context, qas: [{id, question, answers}]}"
+            ) from None
+    return Dataset.from_dict(rows)
+
+
+def _read_parallel(split: str, paths: list[str], spec: DataSpec) -> Dataset:
+    """Two line-aligned text files: line i of the first is the source of line i of the second."""
+    from datasets import Dataset
+
+    if len(paths) != 2:
+        raise UserError(
+            f"data.files.{split}: format parallel takes [source_file, target_file], got {len(paths)} file(s)"
+        )
+    sides = [Path(p).read_text(encoding="utf-8").splitlines() for p in paths]
+    if len(sides[0]) != len(sides[1]):
+        raise UserError(
+            f"data.files.{split}: {paths[0]} has {len(sides[0])} lines but {paths[1]} has {len(sides[1])}; "
+            "parallel files must be line-aligned"
+        )
+    return Dataset.from_dict({spec.source_column: sides[0], spec.target_column: sides[1]})
+
+
+def _load_files(split: str, paths: list[str], spec: DataSpec) -> tuple[Dataset, str]:
     from datasets import load_dataset
+
+    declared = spec.format
 
     formats = set()
     stamp = []
@@ -84,7 +159,15 @@ def _load_files(split: str, paths: list[str], declared: str | None = None) -> tu
     if len(formats) > 1:
         raise UserError(f"data.files.{split}: mixes file formats {sorted(formats)}; use one format per split")
     fmt = formats.pop()
-    kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
+    if fmt == "conll":
+        return _read_conll(paths, spec), json.dumps(stamp)
+    if fmt == "squad":
+        return _read_squad(paths, spec), json.dumps(stamp)
+    if fmt == "parallel":
+        return _read_parallel(split, paths, spec), json.dumps(stamp)
+    kwargs: dict[str, Any] = {"sample_by": "paragraph"} if fmt == "text" else {}
+    if fmt == "tsv":  # GLUE-style: tab-separated, a header row, quotes are text (csv.QUOTE_NONE)
+        fmt, kwargs = "csv", {"delimiter": "\t", "quoting": 3}
     try:
         ds = load_dataset(fmt, data_files={split: paths}, split=split, **kwargs)
     except Exception as exc:  # the builders raise many types; the user needs the file and the reason
@@ -123,15 +206,23 @@ def _load_split(spec: DataSpec, split: str) -> tuple[Dataset, str] | None:
         paths = spec.files.get(split)
         if paths is None:
             return None
-        return _load_files(split, [paths] if isinstance(paths, str) else list(paths), spec.format)
+        return _load_files(split, [paths] if isinstance(paths, str) else list(paths), spec)
     try:
         return _load_hub(spec, split)
     except KeyError:
         return None
 
 
-def load_raw(spec: DataSpec, splits: tuple[str, ...] = ("train", "validation")) -> RawData:
-    """Load the `train` and/or `validation` splits the spec describes (names mapped via train_split etc.)."""
+def load_raw(
+    spec: DataSpec, splits: tuple[str, ...] = ("train", "validation"), columns: dict[str, str] | None = None
+) -> RawData:
+    """Load the `train` and/or `validation` splits the spec describes (names mapped via train_split etc.).
+
+    `columns` maps recipe keys to the columns every split must have (default: data.text_column); a
+    dotted name `a.b` needs column `a`.
+    """
+    if columns is None:
+        columns = {"data.text_column": spec.text_column}
     names = {"train": spec.train_split, "validation": spec.validation_split}
     loaded: dict[str, Dataset] = {}
     prints: list[str] = []
@@ -150,13 +241,13 @@ def load_raw(spec: DataSpec, splits: tuple[str, ...] = ("train", "validation")) 
         loaded["train"], loaded["validation"] = carved["train"], carved["test"]
         prints.append(f"carved={spec.validation_fraction}/{spec.split_seed}")
     for role, ds in loaded.items():
-        if spec.text_column not in ds.column_names:
-            raise UserError(
-                f"data.text_column: column {spec.text_column!r} not in the {role} split; "
-                f"columns found: {', '.join(ds.column_names)}"
-            )
+        for key, column in columns.items():
+            if column.split(".")[0] not in ds.column_names:
+                raise UserError(
+                    f"{key}: column {column!r} not in the {role} split; columns found: {', '.join(ds.column_names)}"
+                )
         if len(ds) == 0:
             raise UserError(f"data: the {role} split is empty; give it some rows")
     result = {role: loaded[role] for role in splits}
-    digest = hashlib.sha256("|".join([spec.text_column, *prints]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("|".join([*columns.values(), *prints]).encode()).hexdigest()[:16]
     return RawData(result, digest)

@@ -1,35 +1,43 @@
-"""The evaluation loop every task shares: per-example sums, reduced per batch, gathered across ranks."""
+"""The evaluation loop every task shares: per-example values, reduced per batch, gathered across ranks."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from llmtune.tasks.base import Task
+from llmtune.tasks.base import EvalOutputs, Task
 
 
-def evaluate(
-    accelerator: Any, model: Any, dataloader: Any, task: Task, max_batches: int | None = None
-) -> dict[str, float]:
-    """Run `task.eval_batch` over a prepared dataloader and return `task.metrics` of the summed values.
+def collect(accelerator: Any, model: Any, dataloader: Any, task: Task, max_batches: int | None = None) -> EvalOutputs:
+    """Run `task.eval_batch` over a prepared dataloader and gather its values from every rank.
 
-    Each batch is reduced to per-example values before gathering (no logits are kept), and
-    `gather_for_metrics` drops the duplicates accelerate pads the last batch with, so every example
-    counts once whatever the world size.
+    Each batch is reduced to per-example values on the device before gathering (no logits are kept);
+    2-d values are padded across ranks to one width, and `gather_for_metrics` drops the duplicates
+    accelerate pads the last batch with, so every example counts once whatever the world size.
     """
     import torch
 
     was_training = model.training
     model.eval()
-    totals: dict[str, torch.Tensor] = {}
+    outputs = EvalOutputs()
     with torch.no_grad():
         for index, batch in enumerate(dataloader):
             if max_batches is not None and index >= max_batches:
                 break
             with accelerator.autocast():
                 values = task.eval_batch(model, batch)
-            for key, value in accelerator.gather_for_metrics(values).items():
-                total = value.double().sum()
-                totals[key] = totals[key] + total if key in totals else total
+            if accelerator.num_processes > 1:
+                values = {
+                    k: accelerator.pad_across_processes(v, dim=1, pad_index=-100) if v.ndim > 1 else v
+                    for k, v in values.items()
+                }
+            outputs.add(accelerator.gather_for_metrics(values))
     if was_training:
         model.train()
-    return task.metrics({key: float(value) for key, value in totals.items()})
+    return outputs
+
+
+def evaluate(
+    accelerator: Any, model: Any, dataloader: Any, task: Task, max_batches: int | None = None
+) -> dict[str, float]:
+    """The task's metrics over a prepared dataloader (see `collect`)."""
+    return task.metrics(collect(accelerator, model, dataloader, task, max_batches))

@@ -115,10 +115,14 @@ def context_length(config: Any) -> int | None:
     return None
 
 
-def build_model(spec: ModelSpec, tokenizer: Any, auto_class_name: str, task_name: str) -> Any:
+def build_model(
+    spec: ModelSpec, tokenizer: Any, auto_class_name: str, task_name: str, overrides: dict[str, Any] | None = None
+) -> Any:
     """The model for a task: `from_pretrained` (hub id or directory) or built from a config with fresh weights.
 
-    A from-scratch model's vocabulary and special-token ids come from the tokenizer.
+    A from-scratch model's vocabulary and special-token ids come from the tokenizer. `overrides` are
+    the task's config keys (e.g. num_labels and label maps); with them a pretrained checkpoint's head
+    of another shape is replaced by a fresh one, as fine-tuning needs.
     """
     import transformers
     from transformers import AutoConfig
@@ -138,6 +142,8 @@ def build_model(spec: ModelSpec, tokenizer: Any, auto_class_name: str, task_name
         if not hasattr(config, key):
             raise UserError(f"model.config.{key}: {config.model_type} configs have no such key")
         setattr(config, key, value)
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
     if spec.from_scratch is not None and getattr(config, "is_encoder_decoder", False):
         config.decoder_start_token_id = tokenizer.pad_token_id  # T5's convention: decoding starts from PAD
     for name in ("bos", "eos", "pad"):
@@ -153,6 +159,7 @@ def build_model(spec: ModelSpec, tokenizer: Any, auto_class_name: str, task_name
                 config=config,
                 revision=spec.revision,
                 trust_remote_code=spec.trust_remote_code,
+                ignore_mismatched_sizes=bool(overrides),
             )
         except Exception as exc:
             raise _load_error("model.pretrained", spec.pretrained, exc) from None

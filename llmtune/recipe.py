@@ -80,10 +80,34 @@ class DataSpec(Section):
     files: dict[str, str | list[str]] | None = Field(
         None, description="Split name -> file(s): .txt, .json/.jsonl, .csv, .parquet."
     )
-    format: Literal["text", "json", "csv", "parquet"] | None = Field(
-        None, description="File format of data.files; default: from the extension (.txt .json .jsonl .csv .parquet)."
+    format: Literal["text", "json", "csv", "tsv", "parquet", "conll", "squad", "parallel"] | None = Field(
+        None,
+        description="File format of data.files; default: from the extension (.txt .json .jsonl .csv .tsv "
+        ".parquet .conll). conll: one token per line, tag last, blank line between sentences; squad: SQuAD "
+        "json (data -> paragraphs -> qas); parallel: a [source, target] pair of line-aligned text files.",
     )
-    text_column: str = "text"
+    text_column: str = Field("text", description="The text (LM tasks; the first text of sequence-classification).")
+    text_pair_column: str | None = Field(None, description="sequence-classification: the second text of a pair.")
+    label_column: str = Field("label", description="sequence-classification labels: ints, strings or floats.")
+    tokens_column: str = Field("tokens", description="token-classification: the list of words of each example.")
+    tags_column: str = Field("ner_tags", description="token-classification: the list of word tags (str or int).")
+    question_column: str = "question"
+    context_column: str = "context"
+    answers_column: str = Field("answers", description="question-answering: {text: [...], answer_start: [...]}.")
+    id_column: str = Field("id", description="question-answering: the example id (made up when absent).")
+    source_column: str = Field("source", description="seq2seq source text (a.b reads field b of column a).")
+    target_column: str = Field("target", description="seq2seq target text (a.b reads field b of column a).")
+    prompt_column: str | None = Field(None, description="causal-lm instruction tuning: the prompt column.")
+    response_column: str | None = Field(None, description="causal-lm instruction tuning: the response column.")
+    messages_column: str | None = Field(
+        None, description="causal-lm chat tuning: a list of {role, content} messages per example."
+    )
+    max_length: int | None = Field(
+        None,
+        ge=8,
+        description="Fine-tuning: longest input in tokens (longer ones are truncated); default 512 "
+        "or the model's context, whichever is smaller.",
+    )
     train_split: str = "train"
     validation_split: str = "validation"
     validation_fraction: float = Field(
@@ -104,7 +128,16 @@ class DataSpec(Section):
             raise ValueError(f"data.source must name a built-in corpus such as {BUILTIN_PREFIX}pydoc")
         if self.eval_stride is not None and self.eval_stride > self.block_size:
             raise ValueError("data.eval_stride must not exceed data.block_size")
+        if (self.prompt_column is None) != (self.response_column is None):
+            raise ValueError("set both data.prompt_column and data.response_column (or neither)")
+        if self.messages_column is not None and self.prompt_column is not None:
+            raise ValueError("set data.messages_column or data.prompt_column/response_column, not both")
         return self
+
+    @property
+    def instruction(self) -> bool:
+        """Whether causal-lm trains on prompt/response pairs or chats (loss on responses only)."""
+        return self.prompt_column is not None or self.messages_column is not None
 
 
 class OptimizerSpec(Section):
@@ -159,6 +192,15 @@ class TrainSpec(Section):
     early_stopping: EarlyStoppingSpec | None = None
     load_best_at_end: bool = True
     num_workers: int = Field(0, ge=0)
+    group_by_length: bool = Field(
+        True,
+        description="Variable-length tasks: batches of similar-length examples, shuffled batch by batch "
+        "(evaluation: sorted by length). Padding is always to the longest example of a batch.",
+    )
+    head_lr: float | None = Field(None, gt=0, description="Learning rate of the task head; default train.lr.")
+    layer_lr_decay: float | None = Field(
+        None, gt=0, le=1, description="Layer-wise LR decay: of L blocks, block i (1..L) trains at lr * decay**(L - i)."
+    )
 
     @model_validator(mode="after")
     def _length(self) -> TrainSpec:
@@ -189,6 +231,65 @@ class SpanCorruptionSpec(Section):
     mean_noise_span_length: float = Field(3.0, ge=1)
 
 
+class ClassificationSpec(Section):
+    """sequence-classification: what the labels are."""
+
+    problem: Literal["auto", "single_label", "regression"] = Field(
+        "auto", description="auto: regression when the labels are floats, else classes."
+    )
+
+
+class TokenClassificationSpec(Section):
+    """token-classification (NER): label alignment to sub-word tokens and the tag scheme."""
+
+    label_all_tokens: bool = Field(
+        False, description="Label every sub-token of a word (B- becomes I- after the first); default first only."
+    )
+    scheme: Literal["IOB2", "IOB1", "IOE1", "IOE2", "IOBES", "BILOU"] = Field(
+        "IOB2", description="The tagging scheme seqeval scores entities by."
+    )
+
+
+class QuestionAnsweringSpec(Section):
+    """question-answering (extractive): windows over long contexts and answer post-processing."""
+
+    doc_stride: int = Field(128, ge=1, description="Tokens of context shared by consecutive windows.")
+    max_answer_length: int = Field(30, ge=1, description="Longest answer in tokens.")
+    n_best: int = Field(20, ge=1, description="Start and end candidates kept per window.")
+    allow_no_answer: bool = Field(False, description="SQuAD v2: questions may have no answer.")
+    null_threshold: float = Field(0.0, description="v2: answer 'no answer' when null score - best > this.")
+
+
+class Seq2SeqSpec(Section):
+    """seq2seq: the source prefix, target length and evaluation by generation."""
+
+    source_prefix: str = Field("", description="Prepended to every source, e.g. 'translate English to German: '.")
+    max_target_length: int = Field(128, ge=1)
+    num_beams: int = Field(4, ge=1)
+    generation_max_length: int | None = Field(None, ge=1, description="Default max_target_length.")
+    metrics: list[Literal["bleu", "chrf", "rouge"]] = Field(
+        default_factory=lambda: ["bleu", "chrf"], description="bleu/chrf for translation, rouge for summaries."
+    )
+
+
+class InstructionSpec(Section):
+    """causal-lm instruction / chat tuning: how prompts and responses become one sequence."""
+
+    template: str = Field(
+        "### Instruction:\n{prompt}\n\n### Response:\n",
+        description="Prompt template ({prompt} is replaced); the response follows it, then EOS.",
+    )
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template for messages; default the tokenizer's, else role headers."
+    )
+
+
+class StrategySpec(Section):
+    """What trains: every parameter (full) or the task head alone on a frozen body (head)."""
+
+    kind: Literal["full", "head"] = "full"
+
+
 class Bound(Section):
     """An expected range for one final metric."""
 
@@ -202,16 +303,44 @@ class Bound(Section):
         return self
 
 
+# The task-specific recipe sections: the task each belongs to and its defaults (filled in for that task).
+TASK_SECTIONS: dict[str, tuple[str, type[Section]]] = {
+    "masking": ("masked-lm", MaskingSpec),
+    "span_corruption": ("span-corruption", SpanCorruptionSpec),
+    "classification": ("sequence-classification", ClassificationSpec),
+    "token_classification": ("token-classification", TokenClassificationSpec),
+    "question_answering": ("question-answering", QuestionAnsweringSpec),
+    "seq2seq": ("seq2seq", Seq2SeqSpec),
+    "instruction": ("causal-lm", InstructionSpec),
+}
+PRETRAIN_TASKS = ("causal-lm", "masked-lm", "span-corruption")
+FINETUNE_TASKS = ("sequence-classification", "token-classification", "question-answering", "seq2seq", "causal-lm")
+
+
 class Recipe(Section):
     """A whole run: task, model, tokenizer, data, training, expected metrics, output directory."""
 
-    task: Literal["causal-lm", "masked-lm", "span-corruption"]
+    task: Literal[
+        "causal-lm",
+        "masked-lm",
+        "span-corruption",
+        "sequence-classification",
+        "token-classification",
+        "question-answering",
+        "seq2seq",
+    ]
     model: ModelSpec
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     masking: MaskingSpec | None = Field(None, description="masked-lm only.")
     span_corruption: SpanCorruptionSpec | None = Field(None, description="span-corruption only.")
+    classification: ClassificationSpec | None = Field(None, description="sequence-classification only.")
+    token_classification: TokenClassificationSpec | None = Field(None, description="token-classification only.")
+    question_answering: QuestionAnsweringSpec | None = Field(None, description="question-answering only.")
+    seq2seq: Seq2SeqSpec | None = Field(None, description="seq2seq only.")
+    instruction: InstructionSpec | None = Field(None, description="causal-lm with prompt/response or messages.")
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
     expect: dict[str, Bound] = Field(default_factory=dict)
     tracking: list[Literal["tensorboard"]] = Field(default_factory=list)
     output_dir: str = "runs/llmtune"
@@ -220,13 +349,14 @@ class Recipe(Section):
     def _tokenizer_source(self) -> Recipe:
         if self.model.from_scratch is not None and self.tokenizer == TokenizerSpec():
             raise ValueError("a from-scratch model needs tokenizer.pretrained or tokenizer.train")
-        for key, task in (("masking", "masked-lm"), ("span_corruption", "span-corruption")):
+        for key, (task, section) in TASK_SECTIONS.items():
             if getattr(self, key) is not None and self.task != task:
                 raise ValueError(f"'{key}' applies to task {task}, not {self.task}; remove it")
-        if self.task == "masked-lm" and self.masking is None:
-            self.masking = MaskingSpec()
-        if self.task == "span-corruption" and self.span_corruption is None:
-            self.span_corruption = SpanCorruptionSpec()
+            wanted = self.task == task and (key != "instruction" or self.data.instruction)
+            if wanted and getattr(self, key) is None:
+                setattr(self, key, section())
+        if self.instruction is not None and not self.data.instruction:
+            raise ValueError("'instruction' needs data.prompt_column + data.response_column, or data.messages_column")
         return self
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from llmtune.errors import UserError
 from llmtune.expect import check_expectations, format_checks
-from llmtune.recipe import DataSpec, Recipe, dump_recipe, load_recipe
+from llmtune.recipe import Recipe, dump_recipe, load_recipe
 
 RUN_MARKERS = ("recipe.resolved.yaml", "checkpoints", "final")
 
@@ -160,9 +160,24 @@ def _params(model: Any) -> tuple[int, int]:
     return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> int:
-    """`llmtune pretrain`: train the recipe's model and return the exit code (1 when `expect:` is missed)."""
+def _check_command(recipe: Recipe, command: str) -> None:
+    from llmtune.recipe import FINETUNE_TASKS, PRETRAIN_TASKS
+
+    allowed = PRETRAIN_TASKS if command == "pretrain" else FINETUNE_TASKS
+    if recipe.task not in allowed or (command == "pretrain" and recipe.data.instruction):
+        other = "finetune" if command == "pretrain" else "pretrain"
+        what = "instruction tuning (data.prompt_column / messages_column)" if recipe.data.instruction else recipe.task
+        raise UserError(f"task: {what} is a {other} task, not a {command} one; run llmtune {other} RECIPE")
+    if command == "pretrain" and recipe.strategy.kind != "full":
+        raise UserError(f"strategy.kind: {recipe.strategy.kind} freezes a pretrained body; pretraining trains all")
+
+
+def train(
+    recipe_path: str, overrides: list[str], resume: bool = False, overwrite: bool = False, command: str = "pretrain"
+) -> int:
+    """`llmtune pretrain` / `finetune`: train the recipe's model; the exit code (1 when `expect:` is missed)."""
     recipe = load_recipe(recipe_path, overrides)
+    _check_command(recipe, command)
     run_dir = Path(recipe.output_dir)
     _check_output_dir(run_dir, resume, overwrite)
 
@@ -171,6 +186,7 @@ def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overw
     from llmtune.checkpoint import list_checkpoints
     from llmtune.data import load_raw
     from llmtune.modeling import build_model, build_tokenizer, load_pretrained_tokenizer
+    from llmtune.strategies import apply_strategy
     from llmtune.tasks import get_task
     from llmtune.tracking import MetricsLog, Progress
     from llmtune.trainer import Trainer
@@ -180,21 +196,26 @@ def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overw
     _check_metric_names(recipe, task)
     accelerator = _accelerator(recipe)
     started = time.perf_counter()
+    columns = task.required_columns(recipe.data)
+    if recipe.tokenizer.train is not None and "data.text_column" not in columns:
+        raise UserError(f"tokenizer.train reads data.text_column, which {task.name} does not use; use a pretrained one")
     with accelerator.main_process_first():
-        raw = load_raw(recipe.data)
+        raw = load_raw(recipe.data, columns=columns)
         saved_tokenizer = run_dir / "tokenizer"
         if resume and saved_tokenizer.is_dir():
             tokenizer, origin = load_pretrained_tokenizer(str(saved_tokenizer)), f"saved {saved_tokenizer}"
         else:
-            texts = raw.splits["train"][recipe.data.text_column]
+            texts = raw.splits["train"][recipe.data.text_column] if recipe.tokenizer.train else []
             tokenizer, origin = build_tokenizer(
                 recipe.tokenizer, recipe.model, lambda: iter(texts), raw.fingerprint, recipe.data.cache_dir
             )
+    set_seed(recipe.train.seed)
+    model = build_model(recipe.model, tokenizer, task.auto_class, task.name, task.model_overrides(raw))
+    task.setup(recipe.data, model, tokenizer)
+    apply_strategy(model, recipe.strategy)
+    with accelerator.main_process_first():
         prepared = task.prepare(raw, tokenizer, recipe.data)
     prep_seconds = time.perf_counter() - started
-    set_seed(recipe.train.seed)
-    model = build_model(recipe.model, tokenizer, task.auto_class, task.name)
-    task.setup(recipe.data, model, tokenizer)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -207,6 +228,7 @@ def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overw
                 "environment.json",
                 "tokenizer",
                 "final_metrics.json",
+                "eval",
             ):
                 path = run_dir / marker
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -228,33 +250,21 @@ def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overw
         say(accelerator, f"resumed from {path} (step {step})")
     total, trainable = _params(model)
     t = recipe.train
-    stats = prepared.stats
     say(
         accelerator,
         "\n".join(
             [
                 f"run: {run_dir}",
-                f"task: {task.name} | model: {model.config.model_type}, {total:,} parameters ({trainable:,} trainable)",
+                f"task: {task.name} | model: {model.config.model_type}, {total:,} parameters ({trainable:,} trainable, "
+                f"{100 * trainable / max(total, 1):.2f}%) | strategy: {recipe.strategy.kind}",
                 f"tokenizer: {origin}, {len(tokenizer)} tokens",
-                "data: "
-                + ", ".join(
-                    f"{k.removesuffix('_tokens')} {v:,} tokens" for k, v in stats.items() if k.endswith("_tokens")
-                ),
-                *(
-                    [
-                        "sequences: "
-                        + ", ".join(
-                            f"{k} {v}" for k, v in stats.items() if not k.endswith(("_tokens", "cache", "_seconds"))
-                        )
-                    ]
-                    if any(not k.endswith(("_tokens", "cache", "_seconds")) for k in stats)
-                    else []
-                ),
+                *_data_lines(prepared.stats),
                 f"data preparation: {prep_seconds:.2f}s (loading, tokenizer, tokenising; tokenised data: cache "
-                f"{stats['cache']})",
+                f"{prepared.stats['cache']})",
                 f"devices: {accelerator.num_processes} x {accelerator.device} | per-device batch {t.batch_size} x "
                 f"accum {t.grad_accum} = global batch {t.batch_size * t.grad_accum * accelerator.num_processes} | "
-                f"steps {trainer.total_steps}",
+                f"steps {trainer.total_steps}"
+                + (" | length-grouped batches" if t.group_by_length and prepared.lengths else ""),
             ]
         ),
     )
@@ -272,6 +282,13 @@ def pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overw
     say(accelerator, "final: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
     say(accelerator, f"model saved to {run_dir / 'final'}")
     return _report_expectations(accelerator, recipe, result.metrics)
+
+
+def _data_lines(stats: dict[str, Any]) -> list[str]:
+    """The run log's account of the prepared data: tokens per split, then the other counts."""
+    tokens = ", ".join(f"{k.removesuffix('_tokens')} {v:,} tokens" for k, v in stats.items() if k.endswith("_tokens"))
+    others = [f"{k} {v}" for k, v in stats.items() if not k.endswith(("_tokens", "cache", "_seconds"))]
+    return [f"data: {tokens}", *(["sequences: " + ", ".join(others)] if others else [])]
 
 
 def _check_metric_names(recipe: Recipe, task: Any) -> None:
@@ -314,11 +331,55 @@ def resolve_model(name: str) -> ModelRef:
     return ModelRef(name, None, None)
 
 
+def _eval_recipe(
+    ref: ModelRef,
+    data: str | None,
+    split: str,
+    data_config: str | None,
+    task_name: str | None,
+    overrides: list[str],
+) -> Recipe:
+    """The recipe `eval` / `predict` run by: the run's own (model = its final/), or one made from the flags.
+
+    `--set` overrides apply to it like to a training recipe (e.g. --set data.label_column=sentiment).
+    """
+    from llmtune.recipe import TASK_SECTIONS, build_recipe
+
+    if ref.recipe is not None:
+        tree = ref.recipe.model_dump(mode="json", exclude={"expect", "tracking"})
+        if task_name is not None and task_name != tree["task"]:
+            tree["task"] = task_name
+            for key in TASK_SECTIONS:
+                tree.pop(key, None)
+        tree["tokenizer"] = {}
+    else:
+        tree = {"task": task_name or "causal-lm", "data": {}}
+    tree["model"] = {
+        "pretrained": ref.model,
+        "trust_remote_code": tree.get("model", {}).get("trust_remote_code", False),
+    }
+    if data is not None:
+        spec = tree["data"]
+        for key in ("source", "hub", "hub_config", "files", "format", "revision"):
+            spec.pop(key, None)
+        is_file = Path(data).exists() or Path(data).suffix.lower() in FILE_SUFFIXES
+        if is_file:
+            spec["files"] = {split: str(Path(data).resolve())}
+        else:
+            spec.update(hub=data, hub_config=data_config)
+        spec["validation_split"] = split
+    elif ref.recipe is None:
+        raise UserError("--data is needed when MODEL is not a run directory (a file path or a hub dataset name)")
+    return build_recipe(tree, Path.cwd(), overrides, source="eval")
+
+
+FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".conll")
+
+
 def evaluate_model(
     model_name: str,
     data: str | None,
     split: str,
-    text_column: str,
     data_config: str | None,
     block_size: int | None,
     stride: int | None,
@@ -326,71 +387,62 @@ def evaluate_model(
     task_name: str | None,
     output: str | None,
     seed: int | None = None,
+    overrides: list[str] | None = None,
+    predictions: str | None = None,
+    labelled: bool = True,
 ) -> dict[str, Any]:
-    """`llmtune eval`: the task's metrics of a saved model on a dataset (by default the run's validation split)."""
+    """`llmtune eval` / `predict`: a saved model's metrics (and per-example predictions) on a dataset.
+
+    By default the data is the run's validation split; `--data` names a file or hub dataset.
+    """
     ref = resolve_model(model_name)
-    recipe = ref.recipe
     quiet_libraries()
-    if recipe is None and data is None:
-        raise UserError("--data is needed when MODEL is not a run directory (a file path or a hub dataset name)")
-    if data is None:
-        assert recipe is not None
-        spec = recipe.data.model_copy()
-    else:
-        is_file = Path(data).exists() or Path(data).suffix.lower() in (
-            ".txt",
-            ".json",
-            ".jsonl",
-            ".csv",
-            ".parquet",
-        )
-        base = {"text_column": text_column, "validation_split": split}
-        spec = (
-            DataSpec(**base, files={split: str(Path(data).resolve())})
-            if is_file
-            else DataSpec(**base, hub=data, hub_config=data_config)
-        )
-        if recipe is not None:
-            spec.block_size = recipe.data.block_size
-            spec.cache_dir = recipe.data.cache_dir
-    from llmtune.evaluation import evaluate
+    recipe = _eval_recipe(ref, data, split, data_config, task_name, list(overrides or []))
+    from llmtune.data import load_raw
+    from llmtune.evaluation import collect
     from llmtune.modeling import context_length, load_for_inference
     from llmtune.tasks import get_task
 
-    task = get_task(
-        task_name or (recipe.task if recipe else "causal-lm"),
-        recipe if recipe is not None and task_name in (None, recipe.task) else None,
-    )
+    task = get_task(recipe.task, recipe)
     if seed is not None:
         task.seed = seed  # masks / spans of masked-lm and span-corruption evaluation
-    model, tokenizer = load_for_inference(
-        ref.model, task.auto_class, task.name, recipe.model.trust_remote_code if recipe else False
-    )
+    if not labelled:
+        if not hasattr(task, "predictions"):
+            raise UserError(f"predict: {task.name} gives no per-example predictions; use llmtune eval or generate")
+        task.labelled = False
+    if predictions is not None and not hasattr(task, "predictions"):
+        raise UserError(f"--predictions: {task.name} gives no per-example predictions")
+    model, tokenizer = load_for_inference(ref.model, task.auto_class, task.name, recipe.model.trust_remote_code)
+    spec = recipe.data
     if block_size is not None:
         spec.block_size = block_size
-    elif recipe is None:
+    elif ref.recipe is None:
         spec.block_size = min(context_length(model.config) or 1024, 1024)
     spec.eval_stride = stride
-    spec = DataSpec.model_validate(spec.model_dump())  # re-check stride <= block size
+    spec = type(spec).model_validate(spec.model_dump())  # re-check stride <= block size
     task.setup(spec, model, tokenizer)
-    from llmtune.data import load_raw
-
-    raw = load_raw(spec, splits=("validation",))  # carved off train exactly as training did, if need be
+    # carved off train exactly as training did, if need be
+    raw = load_raw(spec, splits=("validation",), columns=task.required_columns(spec))
     prepared = task.prepare(raw, tokenizer, spec)
 
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
+    from llmtune.batching import longest_first
+
     accelerator = Accelerator(cpu=not has_accelerator())
     collate = task.collator(tokenizer)
+    lengths = prepared.lengths.get("validation")
     loader = DataLoader(
         prepared.splits["validation"],
         batch_size=batch_size,
         shuffle=False,
         **({"collate_fn": collate} if collate else {}),
+        **({"sampler": longest_first(lengths)} if lengths else {}),
     )
     model, loader = accelerator.prepare(model, loader)
-    metrics: dict[str, Any] = evaluate(accelerator, model, loader, task)
+    outputs = collect(accelerator, model, loader, task)
+    metrics: dict[str, Any] = task.metrics(outputs) if labelled else {}
     result = {
         "model": ref.model,
         "data": data or "recipe validation split",
@@ -402,14 +454,28 @@ def evaluate_model(
         "metrics": metrics,
     }
     if accelerator.is_main_process:
+        if predictions is not None:
+            rows = task.predictions(outputs)
+            _write_jsonl(Path(predictions), rows)
+            result["predictions"] = {"path": str(Path(predictions).resolve()), "count": len(rows)}
         targets = [Path(output)] if output else []
-        if ref.run_dir is not None:
+        if ref.run_dir is not None and labelled:
             name = "validation" if data is None else Path(data).stem + "-" + split
             targets.append(ref.run_dir / "eval" / f"{name}.json")
         for target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write records one JSON per line, atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
 def generate(

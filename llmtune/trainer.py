@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.atomic import atomic_dir
+from llmtune.batching import LengthGroupedSampler, longest_first
 from llmtune.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from llmtune.evaluation import evaluate
 from llmtune.optim import build_optimizer, build_schedule
@@ -41,6 +42,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed (per rank)
     tokens_seen: int = 0
+    examples_seen: int = 0
     best_value: float | None = None
     best_step: int | None = None
     best_metrics: dict[str, float] = field(default_factory=dict)
@@ -81,24 +83,20 @@ class Trainer:
         self.run_dir, self.log = run_dir, log
         collate = task.collator(tokenizer)
         # An explicit generator keeps the loaders from drawing the global RNG when an iterator starts;
-        # the order itself comes from accelerate's seedable sampler (seed + epoch). With this, restoring
-        # the RNG states on resume makes dropout continue exactly.
-        kwargs: dict[str, Any] = {"generator": torch.Generator()}
+        # the order itself comes from accelerate's seedable sampler (seed + epoch), or for variable-length
+        # tasks from the length-grouped sampler (seed + epoch). With this, restoring the RNG states on
+        # resume makes dropout continue exactly.
+        kwargs: dict[str, Any] = {"generator": torch.Generator(), "num_workers": train.num_workers}
         if collate is not None:
             kwargs["collate_fn"] = collate
-        train_dl = DataLoader(
-            prepared.splits["train"],
-            batch_size=train.batch_size,
-            shuffle=True,
-            num_workers=train.num_workers,
-            **kwargs,
-        )
+        lengths = prepared.lengths if train.group_by_length else {}
+        order: dict[str, Any] = {"shuffle": True}
+        if "train" in lengths:
+            order = {"sampler": LengthGroupedSampler(lengths["train"], train.batch_size, train.seed)}
+        train_dl = DataLoader(prepared.splits["train"], batch_size=train.batch_size, **order, **kwargs)
+        order = {"sampler": longest_first(lengths["validation"])} if "validation" in lengths else {}
         eval_dl = DataLoader(
-            prepared.splits["validation"],
-            batch_size=train.eval_batch_size or train.batch_size,
-            shuffle=False,
-            num_workers=train.num_workers,
-            **kwargs,
+            prepared.splits["validation"], batch_size=train.eval_batch_size or train.batch_size, **order, **kwargs
         )
         optimizer = build_optimizer(model, train)
         self.model, self.optimizer, self.train_dl, self.eval_dl = accelerator.prepare(
@@ -221,7 +219,7 @@ class Trainer:
         model.train()
         running_loss = torch.zeros((), device=acc.device)
         grad_norm: Any = None
-        window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+        window_steps, window_tokens, window_examples, window_start = 0, 0, 0, time.perf_counter()
         stopped_early = interrupted = False
         try:
             while st.step < self.total_steps:
@@ -242,7 +240,8 @@ class Trainer:
                         # DDP averages gradients over ranks; the loss is already over the global count.
                         acc.backward(loss * world if world > 1 else loss)
                     running_loss += loss.detach()
-                    window_tokens += batch["input_ids"].numel() * world
+                    window_tokens += batch["input_ids"].numel() * world  # padding included
+                    window_examples += batch["input_ids"].shape[0] * world
                 if spec.max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
                 optimizer.step()
@@ -259,19 +258,21 @@ class Trainer:
                     mean_loss = acc.reduce(running_loss, "sum") if world > 1 else running_loss
                     elapsed = time.perf_counter() - window_start
                     st.tokens_seen += window_tokens
+                    st.examples_seen += window_examples
                     values = {
                         "epoch": st.epoch,
                         "train/loss": float(mean_loss) / window_steps,
                         "train/lr": self.scheduler.get_last_lr()[0],
                         "train/tokens_per_s": window_tokens / max(elapsed, 1e-9),
                         "train/tokens": st.tokens_seen,
+                        "train/examples_per_s": window_examples / max(elapsed, 1e-9),
                     }
                     if grad_norm is not None:
                         values["train/grad_norm"] = float(grad_norm)
                     self.log.write(st.step, values)
                     progress.log(st.step, values["train/loss"], values["train/lr"], values["train/tokens_per_s"])
                     running_loss.zero_()
-                    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+                    window_steps, window_tokens, window_examples, window_start = 0, 0, 0, time.perf_counter()
 
                 paused = time.perf_counter()  # evaluation and checkpoints do not count as training time
                 if spec.eval_every and st.step % spec.eval_every == 0 and st.step < self.total_steps:

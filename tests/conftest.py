@@ -166,3 +166,71 @@ def assert_same_tensors(a_file: Path, b_file: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+# --- tiny "pretrained" model directories for the fine-tuning tests --------------------------------------
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "bert": {
+        "model_type": "bert",
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    },
+    "gpt2": {**TINY_GPT2, "n_positions": 128},
+    "t5": {
+        "model_type": "t5",
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "d_model": 32,
+        "d_ff": 64,
+        "d_kv": 16,
+        "num_heads": 2,
+        "dropout_rate": 0.0,
+        "tie_word_embeddings": True,
+    },
+}
+
+
+def make_tiny_model(family: str, where: Path, texts: list[str]) -> Path:
+    """Save a tiny randomly initialised `family` model (bert, gpt2, t5) with a tokenizer trained on `texts`.
+
+    The directory looks like any downloaded checkpoint: config.json, model.safetensors, tokenizer files.
+    Its body is the bare model (`AutoModel`), so every task adds its own fresh head, as with a hub model.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from llmtune.tokenizer_training import train_byte_level_bpe, train_unigram, train_wordpiece
+
+    if family == "bert":
+        tokenizer = train_wordpiece(texts, 400, 1, True, [])
+    elif family == "gpt2":
+        tokenizer = train_byte_level_bpe(texts, 400, 1, [])
+    else:
+        tokenizer = train_unigram(texts, 400, 20, [])
+    keys = dict(TINY_CONFIGS[family])
+    config = AutoConfig.for_model(keys.pop("model_type"), **keys, vocab_size=len(tokenizer))
+    for name in ("bos", "eos", "pad"):
+        if getattr(tokenizer, f"{name}_token_id", None) is not None:
+            setattr(config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+    if family == "t5":
+        config.decoder_start_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config)
+    model.save_pretrained(str(where))
+    tokenizer.save_pretrained(str(where))
+    return where
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Directories of tiny BERT, GPT-2 and T5 "checkpoints" (random weights, tokenizers trained here)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    extra = "Paris London Berlin John Mary Acme Corp the of in at is was what who where when 0 1 2 3 4 5 6 7 8 9"
+    texts = [*synthetic_documents(300, seed=5), extra]
+    return {family: make_tiny_model(family, root / family, texts) for family in TINY_CONFIGS}

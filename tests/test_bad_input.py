@@ -12,7 +12,7 @@ from tests.conftest import TINY_GPT2, run_cli, tiny_recipe, write_recipe
 
 
 def _pretrain_error(tmp_path: Path, recipe: dict, *overrides: str) -> str:
-    from llmtune.run import pretrain
+    from llmtune.run import train as pretrain
 
     path = write_recipe(tmp_path / "bad.yaml", recipe)
     with pytest.raises(UserError) as caught:
@@ -117,7 +117,7 @@ def test_fp16_on_cpu_is_refused(corpus: dict[str, Path], tmp_path: Path) -> None
 
 
 def test_existing_run_is_not_touched(corpus: dict[str, Path], tmp_path: Path) -> None:
-    from llmtune.run import pretrain
+    from llmtune.run import train as pretrain
 
     out = tmp_path / "out"
     out.mkdir()

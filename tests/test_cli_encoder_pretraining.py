@@ -162,7 +162,7 @@ def test_model_that_does_not_fit_the_task(
     task: str, model: dict, message: str, corpus: dict[str, Path], tmp_path: Path
 ) -> None:
     from llmtune.errors import UserError
-    from llmtune.run import pretrain
+    from llmtune.run import train as pretrain
 
     recipe = _recipe(corpus, tmp_path / "out", task)
     recipe["model"] = {"from_scratch": model}

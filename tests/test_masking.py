@@ -14,6 +14,7 @@ import torch
 from llmtune.data import RawData
 from llmtune.errors import UserError
 from llmtune.recipe import DataSpec, MaskingSpec, build_recipe
+from llmtune.tasks.base import EvalOutputs
 from llmtune.tasks.masked_lm import IGNORE, MaskedLM, continuation_table
 from llmtune.tokenizer_training import train_byte_level_bpe, train_wordpiece
 from tests.conftest import _ADJ, _NOUNS, _VERBS, synthetic_documents
@@ -296,7 +297,9 @@ def test_eval_masks_are_per_example(tok: Any, bert: Any, data_spec: DataSpec, pr
         torch.testing.assert_close(together["nll"][i], alone[i]["nll"][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(swapped["nll"].flip(0), together["nll"], rtol=1e-4, atol=1e-4)
     assert (together["tokens"] > 0).all()
-    metrics = task.metrics({k: float(v.sum()) for k, v in together.items()})
+    outputs = EvalOutputs()
+    outputs.add(together)
+    metrics = task.metrics(outputs)
     assert metrics["eval/masked_tokens"] == float(together["tokens"].sum())
     assert metrics["eval/mlm_perplexity"] == pytest.approx(np.exp(metrics["eval/loss"]))
 

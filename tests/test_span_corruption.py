@@ -12,6 +12,7 @@ import torch
 from llmtune.data import RawData
 from llmtune.errors import UserError
 from llmtune.recipe import DataSpec, SpanCorruptionSpec
+from llmtune.tasks.base import EvalOutputs
 from llmtune.tasks.span_corruption import (
     SpanCorruption,
     corrupt,
@@ -276,7 +277,9 @@ def test_task_eval_is_per_example(task: SpanCorruption, t5: Any, prepared: Any) 
         assert together["correct"][i] == alone[i]["correct"][0]
         torch.testing.assert_close(together["nll"][i], alone[i]["nll"][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(swapped["nll"].flip(0), together["nll"], rtol=1e-4, atol=1e-4)
-    metrics = task.metrics({k: float(v.sum()) for k, v in together.items()})
+    outputs = EvalOutputs()
+    outputs.add(together)
+    metrics = task.metrics(outputs)
     assert metrics["eval/target_tokens"] == 4 * target_length
     assert metrics["eval/loss"] > 0
 

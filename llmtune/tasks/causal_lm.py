@@ -16,7 +16,7 @@ import numpy as np
 
 from llmtune.errors import UserError
 from llmtune.modeling import context_length
-from llmtune.tasks.base import Prepared
+from llmtune.tasks.base import EvalOutputs, Prepared
 from llmtune.tasks.packing import blocks_dataset, cached_splits, pack_blocks, require_tokens, token_stream
 from llmtune.tasks.token_loss import IGNORE
 
@@ -67,6 +67,14 @@ class CausalLM:
 
     def __init__(self, spec: None = None, seed: int = 0) -> None:
         self.seed = seed
+
+    def required_columns(self, data: DataSpec) -> dict[str, str]:
+        """The text column."""
+        return {"data.text_column": data.text_column}
+
+    def model_overrides(self, raw: RawData) -> dict[str, Any]:
+        """Pretraining builds the model as configured."""
+        return {}
 
     def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
         """Refuse a block size longer than the model's context."""
@@ -133,8 +141,9 @@ class CausalLM:
         )
         return {"nll": nll.sum(dim=1), "tokens": (labels[:, 1:] != IGNORE).sum(dim=1).float()}
 
-    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+    def metrics(self, outputs: EvalOutputs) -> dict[str, float]:
         """Token-weighted loss and its exponential, perplexity."""
+        totals = {key: outputs.sum(key) for key in ("nll", "tokens")}
         loss = totals["nll"] / max(totals["tokens"], 1.0)
         return {
             "eval/loss": loss,

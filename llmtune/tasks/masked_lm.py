@@ -18,7 +18,7 @@ import numpy as np
 from llmtune.errors import UserError
 from llmtune.modeling import context_length
 from llmtune.recipe import MaskingSpec
-from llmtune.tasks.base import Prepared
+from llmtune.tasks.base import EvalOutputs, Prepared
 from llmtune.tasks.packing import blocks_dataset, cached_splits, pack_blocks, require_tokens, token_stream
 from llmtune.tasks.token_loss import IGNORE, per_example_token_stats, token_loss_sum
 
@@ -92,6 +92,14 @@ class MaskedLM:
         self.spec = spec or MaskingSpec()
         self.seed = seed
         self._tables: dict[str, Any] = {}
+
+    def required_columns(self, data: DataSpec) -> dict[str, str]:
+        """The text column."""
+        return {"data.text_column": data.text_column}
+
+    def model_overrides(self, raw: RawData) -> dict[str, Any]:
+        """Pretraining builds the model as configured."""
+        return {}
 
     def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
         """Need a mask token and a sequence the model holds; build the special-token and word tables."""
@@ -198,8 +206,9 @@ class MaskedLM:
         logits = model(input_ids=masked["input_ids"], attention_mask=masked["attention_mask"]).logits
         return per_example_token_stats(logits, masked["labels"])
 
-    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+    def metrics(self, outputs: EvalOutputs) -> dict[str, float]:
         """Masked-token loss, its exponential (MLM perplexity) and masked-token accuracy."""
+        totals = {key: outputs.sum(key) for key in ("nll", "correct", "tokens")}
         tokens = max(totals["tokens"], 1.0)
         loss = totals["nll"] / tokens
         return {

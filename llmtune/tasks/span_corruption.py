@@ -15,7 +15,7 @@ import numpy as np
 
 from llmtune.errors import UserError
 from llmtune.recipe import SpanCorruptionSpec
-from llmtune.tasks.base import Prepared
+from llmtune.tasks.base import EvalOutputs, Prepared
 from llmtune.tasks.packing import blocks_dataset, cached_splits, pack_blocks, require_tokens, token_stream
 from llmtune.tasks.token_loss import per_example_token_stats, token_loss_sum
 from llmtune.tokenizer_training import sentinel_name
@@ -114,6 +114,14 @@ class SpanCorruption:
             block_size, s.noise_density, s.mean_noise_span_length
         )
 
+    def required_columns(self, data: DataSpec) -> dict[str, str]:
+        """The text column."""
+        return {"data.text_column": data.text_column}
+
+    def model_overrides(self, raw: RawData) -> dict[str, Any]:
+        """Pretraining builds the model as configured."""
+        return {}
+
     def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
         """Need EOS and enough `<extra_id_N>` sentinels for the spans of one sequence."""
         if tokenizer.eos_token_id is None:
@@ -203,8 +211,9 @@ class SpanCorruption:
         out = model(**corrupted)
         return per_example_token_stats(out.logits, corrupted["labels"])
 
-    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+    def metrics(self, outputs: EvalOutputs) -> dict[str, float]:
         """Target-token loss and accuracy."""
+        totals = {key: outputs.sum(key) for key in ("nll", "correct", "tokens")}
         tokens = max(totals["tokens"], 1.0)
         return {
             "eval/loss": totals["nll"] / tokens,

@@ -1,0 +1,185 @@
+"""`sequence-classification`: one label (or a score) per text or text pair.
+
+The label <-> id map is built from the training labels (sorted; ints keep their values), stored in
+the model config (`id2label` / `label2id`) and read back from it when a saved model is evaluated, so
+predictions come out as the labels the data used. Float labels make it a regression (one output,
+mean squared error). GPT-2 classifies from its last non-pad token (transformers does this from
+`config.pad_token_id`, which the build sets).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from llmtune.errors import UserError
+from llmtune.metrics import classification_metrics, regression_metrics
+from llmtune.tasks.base import EvalOutputs, Prepared
+from llmtune.tasks.finetune import FinetuneTask, encode_split, model_inputs
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+
+    from llmtune.data import RawData
+    from llmtune.recipe import DataSpec
+
+CLASS_METRICS = ("eval/loss", "eval/accuracy", "eval/macro_f1", "eval/matthews")
+REGRESSION_METRICS = ("eval/loss", "eval/pearson", "eval/spearman", "eval/mse")
+
+
+def is_regression(ds: Dataset, column: str) -> bool:
+    """Float-typed labels are scores to regress on; ints and strings are classes."""
+    dtype = getattr(ds.features[column], "dtype", "")
+    return str(dtype).startswith("float")
+
+
+def label_map(values: list[Any]) -> dict[str, int]:
+    """label -> id from the training labels: ints keep their values (0..max), strings are sorted."""
+    unique = sorted(set(values), key=lambda v: (isinstance(v, str), v))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in unique):
+        if unique and unique[0] < 0:
+            raise UserError(f"data.label_column: integer labels must be >= 0, found {unique[0]}")
+        return {str(i): i for i in range(max(unique) + 1)} if unique else {}
+    return {str(v): i for i, v in enumerate(unique)}
+
+
+class SequenceClassification(FinetuneTask):
+    """Classification (cross-entropy; accuracy, macro-F1, Matthews) or regression (MSE; Pearson, Spearman)."""
+
+    name = "sequence-classification"
+    auto_class = "AutoModelForSequenceClassification"
+    cache_version = "sequence-classification/1"
+
+    def __init__(self, recipe: Any) -> None:
+        super().__init__(recipe)
+        self.regression = recipe.classification.problem == "regression"
+        self.label2id: dict[str, int] = {}
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Class metrics, regression metrics, or both while `problem: auto` has not seen the labels."""
+        problem = self.recipe.classification.problem
+        if problem == "auto":
+            return tuple(dict.fromkeys(CLASS_METRICS + REGRESSION_METRICS))
+        return REGRESSION_METRICS if problem == "regression" else CLASS_METRICS
+
+    def required_columns(self, data: DataSpec) -> dict[str, str]:
+        """The text (and pair) columns, and the label column when there are labels."""
+        columns = {"data.text_column": data.text_column}
+        if data.text_pair_column is not None:
+            columns["data.text_pair_column"] = data.text_pair_column
+        if self.labelled:
+            columns["data.label_column"] = data.label_column
+        return columns
+
+    def model_overrides(self, raw: RawData) -> dict[str, Any]:
+        """num_labels and the label maps (or a one-output regression head) from the training labels."""
+        train = raw.splits["train"]
+        problem = self.recipe.classification.problem
+        if problem == "regression" or (problem == "auto" and is_regression(train, self.data.label_column)):
+            return {"num_labels": 1, "problem_type": "regression", "id2label": {0: "score"}, "label2id": {"score": 0}}
+        mapping = label_map(train[self.data.label_column])
+        if len(mapping) < 2:
+            raise UserError(
+                f"data.label_column: the train split has {len(mapping)} distinct label(s) in "
+                f"{self.data.label_column!r}; classification needs at least 2"
+            )
+        return {
+            "num_labels": len(mapping),
+            "problem_type": "single_label_classification",
+            "id2label": {i: label for label, i in mapping.items()},
+            "label2id": mapping,
+        }
+
+    def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
+        """Read the label map (or regression) from the model's config."""
+        super().setup(data, model, tokenizer)
+        config = model.config
+        self.regression = config.problem_type == "regression" or config.num_labels == 1
+        self.label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
+        self.id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
+        self.num_labels = config.num_labels
+
+    def _label_id(self, value: Any, role: str, row: int) -> int | float:
+        if self.regression:
+            return float(value)
+        if str(value) in self.label2id:
+            return self.label2id[str(value)]
+        if isinstance(value, int) and 0 <= value < self.num_labels:
+            return value  # e.g. a hub checkpoint whose map says LABEL_0, LABEL_1
+        known = ", ".join(self.label2id)
+        raise UserError(
+            f"data.label_column: label {value!r} ({role} split, row {row}) is not in the model's label map "
+            f"({known}); evaluate on data with the labels the model was trained on"
+        )
+
+    def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
+        """Tokenised, truncated texts (pairs truncated longest-first), label ids and row indices."""
+
+        def build(role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
+            def encode(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+                texts = [str(t) for t in rows[data.text_column]]
+                pairs = [str(t) for t in rows[data.text_pair_column]] if data.text_pair_column else None
+                out = dict(tokenizer(texts, pairs, truncation=True, max_length=self.max_length, verbose=False))
+                out["index"] = indices
+                if self.labelled:
+                    out["labels"] = [
+                        self._label_id(v, role, i) for v, i in zip(rows[data.label_column], indices, strict=True)
+                    ]
+                return out
+
+            return encode_split(ds, encode, data.num_proc), {}
+
+        return self.prepare_rows(raw, tokenizer, build)
+
+    def count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One target per example."""
+        import torch
+
+        return torch.tensor(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+
+    def _losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        if self.regression:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy (or squared error) divided by the accumulated step's example count."""
+        logits = model(**model_inputs(batch)).logits
+        return self._losses(logits, batch["labels"]).sum() / num_items
+
+    def eval_batch(self, model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per example: the prediction (class id or score), its probability, the loss and the label."""
+        logits = model(**model_inputs(batch)).logits.float()
+        if self.regression:
+            prediction = logits.squeeze(-1)
+            confidence = prediction.new_ones(prediction.shape)
+        else:
+            confidence, prediction = logits.softmax(dim=-1).max(dim=-1)
+        values = {"index": batch["index"], "prediction": prediction, "confidence": confidence}
+        if "labels" in batch:
+            values.update(label=batch["labels"], loss=self._losses(logits, batch["labels"]))
+        return values
+
+    def metrics(self, outputs: EvalOutputs) -> dict[str, float]:
+        """Mean loss and the class or regression metrics."""
+        n = max(len(outputs), 1)
+        predictions, labels = outputs.flat("prediction"), outputs.flat("label")
+        scores = (
+            regression_metrics(predictions, labels) if self.regression else classification_metrics(predictions, labels)
+        )
+        loss = outputs.sum("loss") / n
+        return {
+            "eval/loss": loss if math.isfinite(loss) else float("inf"),
+            **{f"eval/{k}": v for k, v in scores.items()},
+        }
+
+    def predictions(self, outputs: EvalOutputs) -> list[dict[str, Any]]:
+        """Per raw example, in file order: the predicted label (or score) and its probability."""
+        rows = sorted(zip(outputs.flat("index"), outputs.flat("prediction"), outputs.flat("confidence"), strict=True))
+        if self.regression:
+            return [{"index": i, "score": p} for i, p, _ in rows]
+        return [{"index": i, "label": self.id2label.get(int(p), str(int(p))), "probability": c} for i, p, c in rows]
