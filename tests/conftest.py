@@ -45,10 +45,19 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"train": root / "train.txt", "valid": root / "valid.txt", "jsonl": root / "train.jsonl"}
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LLMTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "llmtune-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Every test (and every CLI subprocess, which inherits the environment) caches into the session's tmp dir.
+
+    Session-scoped so that module-scoped fixtures that run the CLI are covered too.
+    """
+    before = os.environ.get("LLMTUNE_CACHE")
+    os.environ["LLMTUNE_CACHE"] = str(tmp_path_factory.getbasetemp() / "llmtune-cache")
+    yield
+    if before is None:
+        os.environ.pop("LLMTUNE_CACHE", None)
+    else:
+        os.environ["LLMTUNE_CACHE"] = before
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +243,25 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     extra = "Paris London Berlin John Mary Acme Corp the of in at is was what who where when 0 1 2 3 4 5 6 7 8 9"
     texts = [*synthetic_documents(300, seed=5), extra]
     return {family: make_tiny_model(family, root / family, texts) for family in TINY_CONFIGS}
+
+
+def run_cli_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The CLI's entry point (`llmtune.cli.main`) in this process: (exit code, stdout, stderr).
+
+    The same code path as the console script, without paying the ~8 s of imports of a fresh process;
+    for the many short bad-input checks.
+    """
+    from llmtune.cli import main
+
+    capsys.readouterr()
+    argv = sys.argv
+    sys.argv = ["llmtune", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -101,6 +101,10 @@ class SequenceClassification(FinetuneTask):
         self.id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
         self.num_labels = config.num_labels
 
+    def cache_key(self) -> list[Any]:
+        """The label map changes the encoded labels, so it is part of the cache key."""
+        return [*super().cache_key(), self.regression, sorted(self.label2id.items())]
+
     def _label_id(self, value: Any, role: str, row: int) -> int | float:
         if self.regression:
             return float(value)
