@@ -43,6 +43,7 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed (per rank)
     tokens_seen: int = 0
     examples_seen: int = 0
+    train_seconds: float = 0.0  # time in training steps, evaluation and checkpoints left out
     best_value: float | None = None
     best_step: int | None = None
     best_metrics: dict[str, float] = field(default_factory=dict)
@@ -259,6 +260,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     st.tokens_seen += window_tokens
                     st.examples_seen += window_examples
+                    st.train_seconds += elapsed
                     values = {
                         "epoch": st.epoch,
                         "train/loss": float(mean_loss) / window_steps,
@@ -266,6 +268,8 @@ class Trainer:
                         "train/tokens_per_s": window_tokens / max(elapsed, 1e-9),
                         "train/tokens": st.tokens_seen,
                         "train/examples_per_s": window_examples / max(elapsed, 1e-9),
+                        "train/examples": st.examples_seen,
+                        "train/seconds": st.train_seconds,
                     }
                     if grad_norm is not None:
                         values["train/grad_norm"] = float(grad_norm)
