@@ -109,6 +109,8 @@ def eval_(
     result = evaluate_model(
         model, data, split, data_config, block_size, stride, batch_size, task, output, seed, overrides, predictions
     )
+    if result is None:  # not the main process of a multi-process evaluation
+        return
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return
@@ -145,7 +147,8 @@ def predict(
     result = evaluate_model(
         model, data, split, data_config, None, None, batch_size, task, None, None, set_ or [], output, labelled=False
     )
-    typer.echo(f"{result['predictions']['count']} predictions written to {result['predictions']['path']}")
+    if result is not None:
+        typer.echo(f"{result['predictions']['count']} predictions written to {result['predictions']['path']}")
 
 
 @app.command()

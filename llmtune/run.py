@@ -390,10 +390,11 @@ def evaluate_model(
     overrides: list[str] | None = None,
     predictions: str | None = None,
     labelled: bool = True,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """`llmtune eval` / `predict`: a saved model's metrics (and per-example predictions) on a dataset.
 
-    By default the data is the run's validation split; `--data` names a file or hub dataset.
+    By default the data is the run's validation split; `--data` names a file or hub dataset. Under
+    several processes every rank evaluates its share; only the main process gets the result (others None).
     """
     ref = resolve_model(model_name)
     quiet_libraries()
@@ -453,18 +454,19 @@ def evaluate_model(
         **({"stride": spec.eval_stride or spec.block_size} if task.name == "causal-lm" else {}),
         "metrics": metrics,
     }
-    if accelerator.is_main_process:
-        if predictions is not None:
-            rows = task.predictions(outputs)
-            _write_jsonl(Path(predictions), rows)
-            result["predictions"] = {"path": str(Path(predictions).resolve()), "count": len(rows)}
-        targets = [Path(output)] if output else []
-        if ref.run_dir is not None and labelled:
-            name = "validation" if data is None else Path(data).stem + "-" + split
-            targets.append(ref.run_dir / "eval" / f"{name}.json")
-        for target in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    if not accelerator.is_main_process:
+        return None
+    if predictions is not None:
+        rows = task.predictions(outputs)
+        _write_jsonl(Path(predictions), rows)
+        result["predictions"] = {"path": str(Path(predictions).resolve()), "count": len(rows)}
+    targets = [Path(output)] if output else []
+    if ref.run_dir is not None and labelled:
+        name = "validation" if data is None else Path(data).stem + "-" + split
+        targets.append(ref.run_dir / "eval" / f"{name}.json")
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
 
 

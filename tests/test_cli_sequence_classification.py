@@ -215,3 +215,31 @@ def test_bad_input_is_one_line_and_writes_nothing(
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_two_process_evaluation_counts_each_example_once(full_run: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    predictions = tmp_path / "p.jsonl"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", "29519"]
+    # 64 dev rows in batches of 5 per rank: the last global batch is padded by accelerate with repeats
+    command = [*launch, "-m", "llmtune", "eval", str(full_run), "--json", "--batch-size", "5"]
+    done = subprocess.run(
+        [*command, "--predictions", str(predictions)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)  # one JSON document: only the main process prints
+    final = json.loads((full_run / "final_metrics.json").read_text())
+    for key, value in final.items():
+        assert result["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(64))
