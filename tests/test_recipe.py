@@ -458,3 +458,34 @@ def test_cli_and_recipe_do_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# --- fine-tuning sections -----------------------------------------------------------------------
+
+
+def test_a_task_gets_its_own_section_with_defaults() -> None:
+    recipe = build_recipe(base_tree(task="question-answering"), Path("/nonexistent"))
+    assert recipe.question_answering is not None and recipe.question_answering.doc_stride == 128
+    assert recipe.classification is None and recipe.instruction is None and recipe.strategy.kind == "full"
+    plain = build_recipe(base_tree(), Path("/nonexistent"))
+    assert plain.instruction is None  # causal-lm on plain text: no instruction section
+
+
+def test_a_section_of_another_task_is_refused() -> None:
+    message = build_error(base_tree(task="seq2seq", token_classification={"label_all_tokens": True}))
+    assert message == "recipe: 'token_classification' applies to task token-classification, not seq2seq; remove it"
+
+
+def test_instruction_tuning_needs_prompt_and_response_columns() -> None:
+    tree = base_tree(data={"files": {"train": "a.jsonl"}, "prompt_column": "q"})
+    assert "set both data.prompt_column and data.response_column" in build_error(tree)
+    tree = base_tree(instruction={"template": "Q: {prompt}\nA: "})
+    assert "'instruction' needs data.prompt_column" in build_error(tree)
+    tree = base_tree(data={"files": {"train": "a.jsonl"}, "prompt_column": "q", "response_column": "a"})
+    recipe = build_recipe(tree, Path("/nonexistent"))
+    assert recipe.data.instruction and recipe.instruction is not None
+
+
+def test_unknown_strategy_and_bad_lr_decay_name_the_key() -> None:
+    assert "strategy.kind: expected 'full'" in build_error(base_tree(strategy={"kind": "everything"}))
+    assert "train.layer_lr_decay" in build_error(base_tree(train={"layer_lr_decay": 1.5}))
