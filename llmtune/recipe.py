@@ -41,6 +41,9 @@ class ModelSpec(Section):
     def _one_source(self) -> ModelSpec:
         if (self.pretrained is None) == (self.from_scratch is None):
             raise ValueError("set exactly one of model.pretrained or model.from_scratch")
+        run = Path(self.pretrained) if self.pretrained is not None else None
+        if run is not None and (run / "recipe.resolved.yaml").is_file() and (run / "final").is_dir():
+            self.pretrained = str(run / "final")  # an llmtune run directory: continue from its final model
         return self
 
 
@@ -277,11 +280,13 @@ class InstructionSpec(Section):
 
     template: str = Field(
         "### Instruction:\n{prompt}\n\n### Response:\n",
-        description="Prompt template ({prompt} is replaced); the response follows it, then EOS.",
+        description="Prompt template: {prompt} is the prompt column, any other {name} the row's column of that "
+        "name (e.g. Alpaca's {input}); the response follows it, then EOS.",
     )
     chat_template: str | None = Field(
         None, description="A Jinja chat template for messages; default the tokenizer's, else role headers."
     )
+    max_new_tokens: int = Field(128, ge=1, description="predict: the longest response generated (greedy).")
 
 
 class StrategySpec(Section):

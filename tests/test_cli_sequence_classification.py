@@ -243,3 +243,26 @@ def test_two_process_evaluation_counts_each_example_once(full_run: Path, tmp_pat
         assert result["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(64))
+
+
+def test_finetune_from_a_pretraining_run_directory(
+    data: dict[str, Path], corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli_encoder_pretraining import BERT
+
+    pretrained = tmp_path / "mlm"
+    recipe = {
+        "task": "masked-lm",
+        "model": {"from_scratch": BERT},
+        "tokenizer": {"train": {"kind": "wordpiece", "vocab_size": 400, "lowercase": True}},
+        "data": {"files": {"train": str(corpus["train"]), "validation": str(corpus["valid"])}, "block_size": 32},
+        "train": {"max_steps": 4, "batch_size": 8, "log_every": 2},
+        "output_dir": str(pretrained),
+    }
+    code, _, err = run_cli_in_process(capsys, "pretrain", str(write_recipe(tmp_path / "mlm.yaml", recipe)))
+    assert code == 0, err[-2000:]
+    tuned = classification_recipe(pretrained, data["train"], data["valid"], tmp_path / "tuned", max_steps=4)
+    code, out, err = run_cli_in_process(capsys, "finetune", str(write_recipe(tmp_path / "cls.yaml", tuned)))
+    assert code == 0, err[-2000:]
+    assert f"pretrained {pretrained / 'final'}" in out  # the run directory stands for its final/ model
+    assert (tmp_path / "tuned" / "final" / "model.safetensors").is_file()
