@@ -10,8 +10,18 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-# Padding value per column; any other list column pads with 0. Labels pad with -100 (ignored by losses).
-PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "labels": -100, "decoder_attention_mask": 0}
+# Padding value per column; any other list column pads with 0. Labels pad with -100 (ignored by losses),
+# question-answering character offsets with -100 (not context).
+PAD_VALUES = {
+    "attention_mask": 0,
+    "token_type_ids": 0,
+    "labels": -100,
+    "decoder_attention_mask": 0,
+    "offset_start": -100,
+    "offset_end": -100,
+    "word_starts": -100,  # token-classification: first sub-token of each word (negative: none)
+    "word_labels": -100,  # token-classification: gold tag id of each word
+}
 
 
 def pad_collator(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
