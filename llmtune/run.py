@@ -29,6 +29,9 @@ class _DropKnownNoise(logging.Filter):
         "You may ignore this warning if your `pad_token_id`",
         "`loss_type=None` was set in the config",  # the default causal-LM loss is the one we want
         "Removed shared tensor",  # tied embeddings are stored once; transformers re-ties them on load
+        # A multi-line table of newly initialised weights: a fine-tuning head is fresh by design, and the
+        # table would break the one-line error contract of anything that fails after the model is built.
+        "LOAD REPORT",
     )
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -360,7 +363,11 @@ def _eval_recipe(
     }
     if data is not None:
         spec = tree["data"]
-        for key in ("source", "hub", "hub_config", "files", "format", "revision"):
+        trained_on = [
+            Path(p).suffix for ps in (spec.get("files") or {}).values() for p in ([ps] if isinstance(ps, str) else ps)
+        ]
+        keep_format = spec.get("format") is not None and Path(data).suffix in trained_on  # e.g. squad json
+        for key in ("source", "hub", "hub_config", "files", "revision", *([] if keep_format else ["format"])):
             spec.pop(key, None)
         is_file = Path(data).exists() or Path(data).suffix.lower() in FILE_SUFFIXES
         if is_file:
