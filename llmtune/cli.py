@@ -170,6 +170,20 @@ def generate(
         typer.echo(text)
 
 
+@app.command()
+def export(
+    run: Annotated[str, typer.Argument(help="A run directory.")],
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Fold LoRA / AdaLoRA / IA3 weights into the base model's.")
+    ] = False,
+    output: Annotated[str | None, typer.Option(help="Where to write the model; default RUN/export.")] = None,
+) -> None:
+    """Write a run's model as a standalone Hugging Face directory (adapter runs: with --merge)."""
+    from llmtune.run import export as run_export
+
+    typer.echo(f"exported to {run_export(run, output, merge)}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:

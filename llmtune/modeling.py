@@ -193,10 +193,18 @@ def check_vocab(model: Any, tokenizer: Any) -> None:
         )
 
 
-def load_for_inference(name: str, auto_class_name: str, task_name: str, trust_remote_code: bool = False) -> Any:
-    """A saved model (run's final/, model directory or hub id) and its tokenizer, for eval and generate."""
+def load_for_inference(
+    name: str, auto_class_name: str, task_name: str, trust_remote_code: bool = False, strategy: Any = None
+) -> Any:
+    """A saved model (run's final/, model directory or hub id) and its tokenizer, for eval and generate.
+
+    A directory an adapter strategy wrote (adapter weights + `llmtune_strategy.json`) loads as its base
+    model with the adapter on it; `strategy` is the run's `StrategySpec` (bottleneck adapters need it).
+    """
     import transformers
     from transformers import AutoConfig
+
+    from llmtune.strategies import load_trained, strategy_info
 
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -204,8 +212,14 @@ def load_for_inference(name: str, auto_class_name: str, task_name: str, trust_re
         raise _load_error("MODEL", name, exc) from None
     check_task_fits(config, auto_class_name, task_name)
     tokenizer = load_pretrained_tokenizer(name, trust_remote_code=trust_remote_code)
+    auto_class = getattr(transformers, auto_class_name)
     try:
-        model = getattr(transformers, auto_class_name).from_pretrained(name, trust_remote_code=trust_remote_code)
+        if strategy_info(name) is not None:
+            model = load_trained(name, auto_class, strategy, trust_remote_code)
+        else:
+            model = auto_class.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
     except Exception as exc:
         raise _load_error("MODEL", name, exc) from None
     check_vocab(model, tokenizer)

@@ -289,10 +289,54 @@ class InstructionSpec(Section):
     max_new_tokens: int = Field(128, ge=1, description="predict: the longest response generated (greedy).")
 
 
-class StrategySpec(Section):
-    """What trains: every parameter (full) or the task head alone on a frozen body (head)."""
+STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "head": (),
+    "top_k": ("k",),
+    "adapter": ("adapter_style", "reduction_factor", "non_linearity"),
+    "lora": ("r", "alpha", "dropout", "target_modules"),
+    "adalora": ("r", "target_r", "alpha", "dropout", "target_modules"),
+    "prefix": ("num_virtual_tokens",),
+    "prompt": ("num_virtual_tokens",),
+    "ia3": ("target_modules", "feedforward_modules"),
+}
 
-    kind: Literal["full", "head"] = "full"
+
+class StrategySpec(Section):
+    """What trains. full: everything; head: the task head on a frozen body; top_k: the last k blocks + head;
+    adapter: bottleneck adapters + head; lora / adalora / prefix / prompt / ia3: through peft, + head."""
+
+    kind: Literal["full", "head", "top_k", "adapter", "lora", "adalora", "prefix", "prompt", "ia3"] = "full"
+    k: int | None = Field(None, ge=1, description="top_k: how many of the last blocks train (each stack, for T5).")
+    adapter_style: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="houlsby: after attention and feed-forward; pfeiffer: after feed-forward only."
+    )
+    reduction_factor: int = Field(16, ge=1, description="adapter: hidden size / bottleneck size.")
+    non_linearity: Literal["relu", "gelu", "swish", "tanh"] = "relu"
+    r: int = Field(8, ge=1, description="lora: rank; adalora: initial rank.")
+    target_r: int = Field(4, ge=1, description="adalora: the average rank the budget schedule ends at.")
+    alpha: float = Field(16.0, gt=0, description="lora / adalora scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="lora / adalora dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="lora / adalora / ia3: module names; default: peft's per family (GPT-2 c_attn, BERT query/value).",
+    )
+    feedforward_modules: list[str] | None = Field(None, description="ia3: which targets are feed-forward layers.")
+    num_virtual_tokens: int = Field(20, ge=1, description="prefix / prompt: virtual tokens.")
+
+    @model_validator(mode="after")
+    def _keys_of_the_kind(self) -> StrategySpec:
+        allowed = set(STRATEGY_KEYS[self.kind])
+        # Keys left at their defaults are fine (a resolved recipe writes every key out).
+        changed = {k for k in self.model_fields_set if getattr(self, k) != type(self).model_fields[k].default}
+        for key in sorted(changed - {"kind"} - allowed):
+            users = [kind for kind, keys in STRATEGY_KEYS.items() if key in keys]
+            raise ValueError(f"strategy.{key} applies to kind {' / '.join(users)}, not {self.kind}; remove it")
+        if self.kind == "top_k" and self.k is None:
+            raise ValueError("strategy.kind top_k needs strategy.k (how many of the last blocks train)")
+        if self.kind == "adalora" and self.target_r > self.r:
+            raise ValueError("strategy.target_r must not exceed strategy.r (adalora prunes ranks down to it)")
+        return self
 
 
 class Bound(Section):

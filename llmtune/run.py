@@ -158,11 +158,6 @@ def _environment(accelerator: Any, recipe: Recipe, recipe_path: Path) -> dict[st
     }
 
 
-def _params(model: Any) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def _check_command(recipe: Recipe, command: str) -> None:
     from llmtune.recipe import FINETUNE_TASKS, PRETRAIN_TASKS
 
@@ -189,10 +184,10 @@ def train(
     from llmtune.checkpoint import list_checkpoints
     from llmtune.data import load_raw
     from llmtune.modeling import build_model, build_tokenizer, load_pretrained_tokenizer
-    from llmtune.strategies import apply_strategy
+    from llmtune.strategies import apply_strategy, count_parameters
     from llmtune.tasks import get_task
     from llmtune.tracking import MetricsLog, Progress
-    from llmtune.trainer import Trainer
+    from llmtune.trainer import Trainer, planned_steps
 
     quiet_libraries()
     task = get_task(recipe.task, recipe)
@@ -215,9 +210,11 @@ def train(
     set_seed(recipe.train.seed)
     model = build_model(recipe.model, tokenizer, task.auto_class, task.name, task.model_overrides(raw))
     task.setup(recipe.data, model, tokenizer)
-    apply_strategy(model, recipe.strategy)
     with accelerator.main_process_first():
         prepared = task.prepare(raw, tokenizer, recipe.data)
+    steps = planned_steps(recipe.train, len(prepared.splits["train"]), accelerator.num_processes)
+    applied = apply_strategy(model, recipe.strategy, task.auto_class, steps, recipe.model.from_scratch is not None)
+    model = applied.model
     prep_seconds = time.perf_counter() - started
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -246,12 +243,14 @@ def train(
         accelerator.init_trackers("tracking")
 
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator, accelerator.is_main_process)
-    trainer = Trainer(accelerator, recipe.train, task, model, tokenizer, prepared, run_dir, log)
+    trainer = Trainer(
+        accelerator, recipe.train, task, model, tokenizer, prepared, run_dir, log, applied, recipe.model.pretrained
+    )
     if resume:
         step, path = list_checkpoints(run_dir / "checkpoints")[-1]
         trainer.resume(path)
         say(accelerator, f"resumed from {path} (step {step})")
-    total, trainable = _params(model)
+    total, trainable = count_parameters(model)
     t = recipe.train
     say(
         accelerator,
@@ -283,7 +282,11 @@ def train(
     if accelerator.is_main_process:
         (run_dir / "final_metrics.json").write_text(json.dumps(result.metrics, indent=1), encoding="utf-8")
     say(accelerator, "final: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
-    say(accelerator, f"model saved to {run_dir / 'final'}")
+    from llmtune.strategies import strategy_info
+
+    info = strategy_info(run_dir / "final")
+    size = f" (adapter and head weights alone: {info['adapter_bytes'] / 1024:,.0f} KiB)" if info else ""
+    say(accelerator, f"model saved to {run_dir / 'final'}{size}")
     return _report_expectations(accelerator, recipe, result.metrics)
 
 
@@ -420,7 +423,9 @@ def evaluate_model(
         task.labelled = False
     if predictions is not None and not hasattr(task, "predictions"):
         raise UserError(f"--predictions: {task.name} gives no per-example predictions")
-    model, tokenizer = load_for_inference(ref.model, task.auto_class, task.name, recipe.model.trust_remote_code)
+    model, tokenizer = load_for_inference(
+        ref.model, task.auto_class, task.name, recipe.model.trust_remote_code, recipe.strategy
+    )
     spec = recipe.data
     if block_size is not None:
         spec.block_size = block_size
@@ -506,7 +511,8 @@ def generate(
 
     ref = resolve_model(model_name)
     quiet_libraries()
-    model, tokenizer = load_for_inference(ref.model, "AutoModelForCausalLM", "generate")
+    strategy = ref.recipe.strategy if ref.recipe is not None else None
+    model, tokenizer = load_for_inference(ref.model, "AutoModelForCausalLM", "generate", strategy=strategy)
     model.eval()
     do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
     if not do_sample and num_return > 1:
@@ -527,3 +533,41 @@ def generate(
         out = model.generate(**inputs, **kwargs)
     start = inputs["input_ids"].shape[1]
     return [prompt + tokenizer.decode(row[start:], skip_special_tokens=True) for row in out]
+
+
+def export(run: str, output: str | None, merge: bool) -> Path:
+    """`llmtune export`: a standalone Hugging Face model directory from a run (LoRA / IA3 merged in)."""
+    from llmtune.strategies import merge as merge_adapter
+    from llmtune.strategies import strategy_info
+
+    ref = resolve_model(run)
+    if ref.recipe is None or ref.run_dir is None:
+        raise UserError(f"{run}: not an llmtune run directory (no recipe.resolved.yaml); export takes a run")
+    info = strategy_info(ref.model)
+    target = Path(output) if output else ref.run_dir / "export"
+    if target.exists():
+        raise UserError(f"--output {target} already exists; remove it or choose another directory")
+    quiet_libraries()
+    from llmtune.atomic import atomic_dir
+    from llmtune.modeling import load_for_inference
+    from llmtune.tasks import get_task
+
+    if info is None:
+        if merge:
+            raise UserError(f"export --merge: {run} trained with strategy {ref.recipe.strategy.kind}: nothing to merge")
+        with atomic_dir(target) as tmp:
+            shutil.copytree(ref.model, tmp, dirs_exist_ok=True)
+        return target
+    if not merge:
+        raise UserError(f"export: {run} holds {info['kind']} adapter weights; pass --merge to fold them into the base")
+    task = get_task(ref.recipe.task, ref.recipe)
+    if info["kind"] not in ("lora", "adalora", "ia3"):
+        merge_adapter(None, info["kind"])  # refuses with the reason
+    model, tokenizer = load_for_inference(
+        ref.model, task.auto_class, task.name, ref.recipe.model.trust_remote_code, ref.recipe.strategy
+    )
+    merged = merge_adapter(model, info["kind"])
+    with atomic_dir(target) as tmp:
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return target

@@ -25,8 +25,18 @@ from llmtune.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from llmtune.evaluation import evaluate
 from llmtune.optim import build_optimizer, build_schedule
 from llmtune.recipe import TrainSpec
+from llmtune.strategies import Applied, save_model
 from llmtune.tasks.base import Prepared, Task
 from llmtune.tracking import MetricsLog, Progress
+
+
+def planned_steps(train: TrainSpec, examples: int, world_size: int) -> int:
+    """Optimizer steps of a run: train.max_steps, or its epochs over `examples` split across the ranks."""
+    if train.max_steps is not None:
+        return train.max_steps
+    assert train.epochs is not None  # the recipe defaults it to 1
+    batches_per_epoch = math.ceil(examples / (train.batch_size * world_size))
+    return max(1, math.ceil(train.epochs * batches_per_epoch / train.grad_accum))
 
 
 def lower_is_better(metric: str) -> bool:
@@ -76,12 +86,16 @@ class Trainer:
         prepared: Prepared,
         run_dir: Path,
         log: MetricsLog,
+        strategy: Applied | None = None,
+        base_model: str | None = None,
     ) -> None:
         import torch
         from torch.utils.data import DataLoader
 
         self.accelerator, self.spec, self.task, self.tokenizer = accelerator, train, task, tokenizer
         self.run_dir, self.log = run_dir, log
+        self.strategy = strategy or Applied(model, "full")
+        self.base_model = base_model  # what adapter-only saves name as the model to load them on
         collate = task.collator(tokenizer)
         # An explicit generator keeps the loaders from drawing the global RNG when an iterator starts;
         # the order itself comes from accelerate's seedable sampler (seed + epoch), or for variable-length
@@ -103,8 +117,7 @@ class Trainer:
         self.model, self.optimizer, self.train_dl, self.eval_dl = accelerator.prepare(
             model, optimizer, train_dl, eval_dl
         )
-        batches_per_epoch = len(self.train_dl)
-        self.total_steps = train.max_steps or math.ceil(train.epochs * batches_per_epoch / train.grad_accum)
+        self.total_steps = planned_steps(train, len(prepared.splits["train"]), accelerator.num_processes)
         # Not prepared: accelerate's scheduler wrapper steps num_processes times per step when batches
         # are not split, which would make the schedule depend on the world size.
         self.scheduler = build_schedule(self.optimizer.optimizer, train, self.total_steps)
@@ -163,7 +176,8 @@ class Trainer:
         state_dict = self.accelerator.get_state_dict(self.model)  # collective under FSDP / DeepSpeed
         if self.accelerator.is_main_process:
             with atomic_dir(target) as tmp:
-                self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp), state_dict=state_dict)
+                model = self.accelerator.unwrap_model(self.model)
+                save_model(model, tmp, state_dict, self.strategy.kind, self.base_model)
                 self.tokenizer.save_pretrained(str(tmp))
                 if extra is not None:
                     (tmp / "best.json").write_text(json.dumps(extra, indent=1))
@@ -248,6 +262,8 @@ class Trainer:
                 optimizer.step()
                 if not acc.optimizer_step_was_skipped:
                     self.scheduler.step()
+                if self.strategy.on_step is not None:  # e.g. AdaLoRA's rank budget, which reads the gradients
+                    self.strategy.on_step(st.step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 epoch, consumed, _ = micro[-1]
                 st.step += 1

@@ -76,7 +76,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def full_run(data: dict[str, Path], tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("full") / "run"
     recipe = write_recipe(
-        out.parent / "r.yaml", classification_recipe(tiny_models["bert"], data["train"], data["valid"], out)
+        out.parent / "r.yaml",
+        classification_recipe(tiny_models["bert"], data["train"], data["valid"], out, max_steps=60),
     )
     result = run_cli("finetune", str(recipe))
     assert result.returncode == 0, result.stderr[-3000:]

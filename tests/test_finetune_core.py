@@ -91,7 +91,7 @@ def _bert_classifier() -> torch.nn.Module:
 
 def test_head_strategy_freezes_the_body_only() -> None:
     model = _bert_classifier()
-    apply_strategy(model, StrategySpec(kind="head"))
+    apply_strategy(model, StrategySpec(kind="head"), "AutoModelForSequenceClassification", 10)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"classifier.weight", "classifier.bias"}
     groups = parameter_groups(model, 0.01)
@@ -104,7 +104,7 @@ def test_head_strategy_refuses_a_tied_lm_head() -> None:
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
     assert head_parameter_names(model) == set()
     with pytest.raises(UserError, match="tied"):
-        apply_strategy(model, StrategySpec(kind="head"))
+        apply_strategy(model, StrategySpec(kind="head"), "AutoModelForSequenceClassification", 10)
     untied = GPT2LMHeadModel(
         GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, tie_word_embeddings=False)
     )
