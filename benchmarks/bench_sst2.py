@@ -14,9 +14,11 @@ What differs is what each does by default with variable-length batches:
 * Trainer: `DataCollatorWithPadding` (dynamic padding to the longest row of each batch) over its default
   random sampler, the Trainer's default.
 
-Strategies: `full` (every parameter trains) and `head` (the body frozen; only the classifier trains; the
-learning rate `--head-lr` on both sides). Each measured run is its own subprocess (this file in a child
-mode); the runs alternate llmtune / Trainer for each strategy, `--repeats` times.
+Strategies: `full` (every parameter trains) and `head` (the body frozen; only the classifier trains) run on
+both sides; `top_k`, `adapter`, `lora` and `ia3` run on llmtune only (the stock Trainer has no such option),
+so their row compares with llmtune's own full fine-tuning. Each strategy has its usual learning rate
+(`LEARNING_RATES`, overridable with `--lr STRATEGY=VALUE`). Each measured run is its own subprocess (this
+file in a child mode); the runs alternate llmtune / Trainer for each strategy, `--repeats` times.
 
 Measured per run: dev accuracy; training wall time and examples/s (llmtune: `train/seconds` and
 `train/examples` of its metrics.jsonl, i.e. training steps only; Trainer: `train_runtime` and
@@ -40,6 +42,20 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
+
+
+# Learning rates as commonly used for each strategy on GLUE-size tasks (full: BERT paper's range; LoRA:
+# 5e-4 as in the LoRA paper's RoBERTa-base runs; IA3 and heads need larger steps). Override with --lr.
+LEARNING_RATES = {
+    "full": 5e-5,
+    "head": 2e-3,
+    "top_k": 1e-4,
+    "adapter": 1e-3,
+    "lora": 5e-4,
+    "ia3": 3e-3,
+}
+STRATEGY_KEYS = {"top_k": {"k": 2}, "adapter": {"reduction_factor": 16}, "lora": {"r": 8, "alpha": 16}}
+BOTH_SIDES = ("full", "head")
 
 
 def max_rss_mib() -> float:
@@ -75,12 +91,12 @@ def run_llmtune(args: argparse.Namespace, work: Path, strategy: str) -> dict[str
             "max_length": args.max_length,
             "cache_dir": str(work / "cache"),
         },
-        "strategy": {"kind": strategy},
+        "strategy": {"kind": strategy, **STRATEGY_KEYS.get(strategy, {})},
         "train": {
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "eval_batch_size": args.batch_size,
-            "lr": args.head_lr if strategy == "head" else args.lr,
+            "lr": args.rates[strategy],
             "schedule": {"kind": "linear", "warmup_steps": args.warmup_steps},
             "weight_decay": 0.0,
             "max_grad_norm": 1.0,
@@ -100,7 +116,9 @@ def run_llmtune(args: argparse.Namespace, work: Path, strategy: str) -> dict[str
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "train/seconds" in r][-1]
     final = json.loads((out / "final_metrics.json").read_text())
+    parameters = json.loads((out / "environment.json").read_text())["parameters"]
     return {
+        "trainable": parameters["trainable"],
         "dev_accuracy": final["eval/accuracy"],
         "train_seconds": last["train/seconds"],
         "examples_per_s": last["train/examples"] / last["train/seconds"],
@@ -138,7 +156,7 @@ def run_trainer(args: argparse.Namespace, work: Path, strategy: str) -> dict[str
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         num_train_epochs=args.epochs,
-        learning_rate=args.head_lr if strategy == "head" else args.lr,
+        learning_rate=args.rates[strategy],
         lr_scheduler_type="linear",
         warmup_steps=args.warmup_steps,
         weight_decay=0.0,
@@ -158,10 +176,12 @@ def run_trainer(args: argparse.Namespace, work: Path, strategy: str) -> dict[str
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
     )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics = trainer.train().metrics
     logits = trainer.predict(encoded["dev"]).predictions
     accuracy = float((np.argmax(logits, axis=-1) == np.asarray(encoded["dev"]["labels"])).mean())
     return {
+        "trainable": trainable,
         "dev_accuracy": accuracy,
         "train_seconds": metrics["train_runtime"],
         "examples_per_s": metrics["train_samples_per_second"],
@@ -201,18 +221,21 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-5, help="Learning rate of full fine-tuning.")
-    parser.add_argument("--head-lr", type=float, default=2e-3, help="Learning rate of head-only training.")
+    parser.add_argument("--lr", action="append", default=[], help="STRATEGY=RATE, e.g. --lr lora=1e-3 (repeatable).")
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--strategies", default="full,head")
+    parser.add_argument("--strategies", default="full,head,top_k,adapter,lora,ia3")
     parser.add_argument("--sst2", type=Path, default=SST2, help="Folder with train.tsv and dev.tsv.")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-sst2"))
     parser.add_argument("--json", help="Also write every run's figures here.")
     parser.add_argument("--child", choices=["llmtune", "Trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.rates = dict(LEARNING_RATES)
+    for item in args.lr:
+        name, _, value = item.partition("=")
+        args.rates[name] = float(value)
     if args.child:
         child(args)
         return
@@ -226,7 +249,7 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     for strategy in args.strategies.split(","):
         for repeat in range(args.repeats):
-            for side in ("llmtune", "Trainer"):
+            for side in ("llmtune", "Trainer") if strategy in BOTH_SIDES else ("llmtune",):
                 result = measure(args, side, strategy)
                 runs.append({"side": side, "strategy": strategy, "repeat": repeat, **result})
                 print(
@@ -239,23 +262,39 @@ def main() -> None:
         f"\nSST-2, all-MiniLM-L6-v2, {args.train_examples} training examples x {args.epochs:g} epoch, "
         f"batch {args.batch_size}, max_length {args.max_length}; medians over {args.repeats} run(s)"
     )
-    print(f"{'strategy':8} {'side':8} {'dev acc':>8} {'ex/s':>7} {'train s':>8} {'peak MiB':>9}")
+    print(
+        f"{'strategy':8} {'side':8} {'lr':>7} {'trainable':>10} {'dev acc':>8} {'ex/s':>7} {'train s':>8} "
+        f"{'peak MiB':>9}"
+    )
+    medians: dict[tuple[str, str], dict[str, float]] = {}
     for strategy in args.strategies.split(","):
-        median = {}
         for side in ("llmtune", "Trainer"):
             mine = [r for r in runs if r["side"] == side and r["strategy"] == strategy]
-            median[side] = {k: statistics.median(r[k] for r in mine) for k in mine[0] if isinstance(mine[0][k], float)}
-            m = median[side]
+            if not mine:
+                continue
+            m = {k: statistics.median(r[k] for r in mine) for k in mine[0] if isinstance(mine[0][k], (int, float))}
+            medians[strategy, side] = m
             print(
-                f"{strategy:8} {side:8} {m['dev_accuracy']:8.4f} {m['examples_per_s']:7.1f} "
-                f"{m['train_seconds']:8.0f} {m['peak_rss_mib']:9.0f}"
+                f"{strategy:8} {side:8} {args.rates[strategy]:7.0e} {int(m['trainable']):10,} {m['dev_accuracy']:8.4f} "
+                f"{m['examples_per_s']:7.1f} {m['train_seconds']:8.0f} {m['peak_rss_mib']:9.0f}"
             )
-        a, b = median["llmtune"], median["Trainer"]
-        print(
-            f"{strategy:8} ratio    examples/s llmtune/Trainer {a['examples_per_s'] / b['examples_per_s']:.2f}x, "
-            f"dev accuracy difference {100 * (a['dev_accuracy'] - b['dev_accuracy']):+.2f} points, "
-            f"peak RSS ratio {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}"
-        )
+    print()
+    for strategy in args.strategies.split(","):
+        a = medians[strategy, "llmtune"]
+        if (strategy, "Trainer") in medians:
+            b = medians[strategy, "Trainer"]
+            print(
+                f"{strategy}: llmtune/Trainer examples/s {a['examples_per_s'] / b['examples_per_s']:.2f}x, "
+                f"dev accuracy {100 * (a['dev_accuracy'] - b['dev_accuracy']):+.2f} points, "
+                f"peak RSS {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x"
+            )
+        elif ("full", "llmtune") in medians:
+            f = medians["full", "llmtune"]
+            print(
+                f"{strategy}: vs llmtune full: dev accuracy {100 * (a['dev_accuracy'] - f['dev_accuracy']):+.2f} "
+                f"points, trainable {a['trainable'] / f['trainable']:.2%}, "
+                f"examples/s {a['examples_per_s'] / f['examples_per_s']:.2f}x"
+            )
     if args.json:
         options = {**vars(args), "sst2": str(args.sst2)}
         Path(args.json).write_text(json.dumps({"options": options, "runs": runs}, indent=1))

@@ -219,6 +219,7 @@ def train(
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    total, trainable = count_parameters(model)
     # Everything the user could have got wrong has been checked: only now is anything written.
     if accelerator.is_main_process:
         if overwrite and run_dir.exists():
@@ -235,6 +236,7 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
         env = _environment(accelerator, recipe, Path(recipe_path).resolve())
+        env["parameters"] = {"strategy": recipe.strategy.kind, "total": total, "trainable": trainable}
         (run_dir / "environment.json").write_text(json.dumps(env, indent=1), encoding="utf-8")
         if not saved_tokenizer.is_dir():
             tokenizer.save_pretrained(str(saved_tokenizer))
@@ -250,7 +252,6 @@ def train(
         step, path = list_checkpoints(run_dir / "checkpoints")[-1]
         trainer.resume(path)
         say(accelerator, f"resumed from {path} (step {step})")
-    total, trainable = count_parameters(model)
     t = recipe.train
     say(
         accelerator,

@@ -35,3 +35,13 @@ def test_model_config_builds(path: Path) -> None:
 def test_there_are_embedded_defaults_for_every_objective() -> None:
     tasks = {load_recipe(p).task for p in RECIPES if load_recipe(p).data.source is not None}
     assert tasks == {"causal-lm", "masked-lm", "span-corruption"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_expects_metrics_its_task_reports(path: Path) -> None:
+    from llmtune.tasks import get_task
+
+    recipe = load_recipe(path)
+    names = set(get_task(recipe.task, recipe).metric_names)
+    assert set(recipe.expect) <= names, sorted(set(recipe.expect) - names)
+    assert recipe.train.best_metric in names
