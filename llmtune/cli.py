@@ -103,7 +103,7 @@ def eval_(
 ) -> None:
     """Evaluate a saved model with its task's metrics: perplexity (sliding window), masked/target-token
     loss, accuracy / F1 / Matthews, entity F1, SQuAD EM / F1, BLEU / chrF / ROUGE."""
-    from llmtune.run import evaluate_model
+    from llmtune.inference import evaluate_model
 
     overrides = [*(set_ or []), *([f"data.text_column={text_column}"] if text_column else [])]
     result = evaluate_model(
@@ -142,7 +142,7 @@ def predict(
 ) -> None:
     """Per-example predictions of a fine-tuned model (label, entities, answer text, generated text); the
     data needs no labels."""
-    from llmtune.run import evaluate_model
+    from llmtune.inference import evaluate_model
 
     result = evaluate_model(
         model, data, split, data_config, None, None, batch_size, task, None, None, set_ or [], output, labelled=False
@@ -164,7 +164,7 @@ def generate(
     num_return: Annotated[int, typer.Option(min=1, help="Continuations to return.")] = 1,
 ) -> None:
     """Continue a prompt with a causal LM."""
-    from llmtune.run import generate as run_generate
+    from llmtune.inference import generate as run_generate
 
     for text in run_generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, num_return):
         typer.echo(text)
@@ -179,7 +179,7 @@ def export(
     output: Annotated[str | None, typer.Option(help="Where to write the model; default RUN/export.")] = None,
 ) -> None:
     """Write a run's model as a standalone Hugging Face directory (adapter runs: with --merge)."""
-    from llmtune.run import export as run_export
+    from llmtune.inference import export as run_export
 
     typer.echo(f"exported to {run_export(run, output, merge)}")
 
