@@ -286,32 +286,38 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def save_model(model: Any, target: Path, state_dict: dict[str, Any], kind: str, base: str | None) -> None:
     """A model directory: a whole Hugging Face model, or (adapter strategies) the adapter and head weights
-    alone, with the fine-tuned config and `llmtune_strategy.json` naming the base model to load them on."""
+    alone with the fine-tuned config. Either way `llmtune_strategy.json` records the strategy, the total
+    and trainable parameters, the adapter's size on disk and the base model it loads on."""
+    total, trainable = count_parameters(model)
+    size = None
     if kind not in ADAPTER_KINDS:
         model.save_pretrained(str(target), state_dict=state_dict)
-        return
-    total, trainable = count_parameters(model)
-    if is_peft(model):
-        model.save_pretrained(str(target))
-        config = model.get_base_model().config
     else:
-        from safetensors.torch import save_file
+        if is_peft(model):
+            model.save_pretrained(str(target))
+            config = model.get_base_model().config
+            if getattr(model.get_base_model(), "generation_config", None) is not None:
+                model.get_base_model().generation_config.save_pretrained(str(target))
+        else:
+            from safetensors.torch import save_file
 
-        weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(weights, str(target / ADAPTER_WEIGHTS))
-        config = model.config
-    config.save_pretrained(str(target))
-    if getattr(model, "generation_config", None) is not None and kind in PEFT_KINDS:
-        model.get_base_model().generation_config.save_pretrained(str(target))
-    size = sum(f.stat().st_size for f in target.iterdir() if "adapter" in f.name and f.suffix == ".safetensors")
-    info = {"kind": kind, "base": base, "total_parameters": total, "trainable_parameters": trainable}
-    (target / STRATEGY_FILE).write_text(json.dumps({**info, "adapter_bytes": size}, indent=1))
+            weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(weights, str(target / ADAPTER_WEIGHTS))
+            config = model.config
+        config.save_pretrained(str(target))
+        size = sum(f.stat().st_size for f in target.iterdir() if "adapter" in f.name and f.suffix == ".safetensors")
+    info = {"kind": kind, "base": base if kind in ADAPTER_KINDS else None}
+    info.update(total_parameters=total, trainable_parameters=trainable, adapter_bytes=size)
+    (target / STRATEGY_FILE).write_text(json.dumps(info, indent=1))
 
 
 def strategy_info(directory: str | Path) -> dict[str, Any] | None:
     """What `save_model` recorded of an adapter run's model directory (None for a whole model)."""
     path = Path(directory) / STRATEGY_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    return info if info.get("kind") in ADAPTER_KINDS else None
 
 
 def load_trained(directory: str, auto_class: Any, spec: StrategySpec | None, trust_remote_code: bool) -> Any:
