@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    # peft reads a transformers attribute that transformers 5 deprecated; nothing for the user to do.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
     if not sys.stdout.isatty():
         datasets.disable_progress_bars()
     noise = _DropKnownNoise()

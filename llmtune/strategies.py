@@ -357,7 +357,7 @@ def merge(model: Any, kind: str) -> Any:
     """A standalone model with LoRA / AdaLoRA / IA3 folded into the base weights."""
     if kind not in MERGEABLE:
         raise UserError(
-            f"export --merge: a {kind} model cannot be merged into its base weights (only "
+            f"export --merge: a {kind!r} model cannot be merged into its base weights (only "
             f"{', '.join(MERGEABLE)} can); evaluate it with its adapter instead"
         )
     return model.merge_and_unload()
