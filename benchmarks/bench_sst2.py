@@ -191,7 +191,7 @@ def run_trainer(args: argparse.Namespace, work: Path, strategy: str) -> dict[str
 def child(args: argparse.Namespace) -> None:
     """Run one side once and print its figures as one JSON line."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()
     started = time.perf_counter()
     side = run_llmtune if args.child == "llmtune" else run_trainer
     result = side(args, work, args.strategy)
@@ -242,7 +242,7 @@ def main() -> None:
     if not (args.sst2 / "train.tsv").is_file():
         sys.exit(f"error: {args.sst2}/train.tsv not found; pass --sst2 DIR (GLUE SST-2 train.tsv and dev.tsv)")
     model_dir()
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     lines = (args.sst2 / "train.tsv").read_text(encoding="utf-8").splitlines()
     (work / "train.tsv").write_text("\n".join(lines[: args.train_examples + 1]) + "\n", encoding="utf-8")

@@ -100,6 +100,7 @@ class Applied:
     kind: str
     # called after every optimizer step with the step number (AdaLoRA's rank budget schedule)
     on_step: Callable[[int], None] | None = None
+    settings: dict[str, Any] | None = None  # the StrategySpec, recorded with the saved model
 
 
 def _freeze_all_but(model: torch.nn.Module, trainable: set[str]) -> None:
@@ -229,7 +230,7 @@ def apply_strategy(
 ) -> Applied:
     """Freeze what the strategy says does not train (or wrap the model with peft); refuse what cannot work."""
     if spec.kind == "full":
-        return Applied(model, spec.kind)
+        return Applied(model, spec.kind, settings=spec.model_dump(mode="json"))
     if from_scratch:
         raise UserError(
             f"strategy.kind: {spec.kind} keeps a pretrained body frozen, but model.from_scratch has none; "
@@ -244,18 +245,18 @@ def apply_strategy(
                 "model.config.tie_word_embeddings: false"
             )
         _freeze_all_but(model, head)
-        return Applied(model, spec.kind)
+        return Applied(model, spec.kind, settings=spec.model_dump(mode="json"))
     if spec.kind == "top_k":
         assert spec.k is not None  # the recipe requires it
         _freeze_all_but(model, _top_k(model, spec.k))
-        return Applied(model, spec.kind)
+        return Applied(model, spec.kind, settings=spec.model_dump(mode="json"))
     if spec.kind == "adapter":
         from llmtune.adapters import add_adapters
 
         head = head_parameter_names(model)
         add_adapters(model, spec.adapter_style, spec.reduction_factor, spec.non_linearity)
         _freeze_all_but(model, head | {n for n, _ in model.named_parameters() if ".adapter." in n})
-        return Applied(model, spec.kind)
+        return Applied(model, spec.kind, settings=spec.model_dump(mode="json"))
     import peft
 
     config = _peft_config(model, spec, auto_class, total_steps)
@@ -270,7 +271,7 @@ def apply_strategy(
     on_step = None
     if spec.kind == "adalora":
         on_step = wrapped.base_model.update_and_allocate
-    return Applied(wrapped, spec.kind, on_step)
+    return Applied(wrapped, spec.kind, on_step, spec.model_dump(mode="json"))
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -284,7 +285,14 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
-def save_model(model: Any, target: Path, state_dict: dict[str, Any], kind: str, base: str | None) -> None:
+def save_model(
+    model: Any,
+    target: Path,
+    state_dict: dict[str, Any],
+    kind: str,
+    base: str | None,
+    settings: dict[str, Any] | None = None,
+) -> None:
     """A model directory: a whole Hugging Face model, or (adapter strategies) the adapter and head weights
     alone with the fine-tuned config. Either way `llmtune_strategy.json` records the strategy, the total
     and trainable parameters, the adapter's size on disk and the base model it loads on."""
@@ -306,7 +314,7 @@ def save_model(model: Any, target: Path, state_dict: dict[str, Any], kind: str, 
             config = model.config
         config.save_pretrained(str(target))
         size = sum(f.stat().st_size for f in target.iterdir() if "adapter" in f.name and f.suffix == ".safetensors")
-    info = {"kind": kind, "base": base if kind in ADAPTER_KINDS else None}
+    info = {"kind": kind, "base": base if kind in ADAPTER_KINDS else None, "settings": settings}
     info.update(total_parameters=total, trainable_parameters=trainable, adapter_bytes=size)
     (target / STRATEGY_FILE).write_text(json.dumps(info, indent=1))
 
@@ -342,6 +350,8 @@ def load_trained(directory: str, auto_class: Any, spec: StrategySpec | None, tru
 
     from llmtune.adapters import add_adapters
 
+    if (spec is None or spec.kind != "adapter") and info.get("settings"):
+        spec = StrategySpec.model_validate(info["settings"])
     if spec is None or spec.kind != "adapter":
         raise UserError(f"MODEL: {directory} holds bottleneck adapters; evaluate the run directory, which says how")
     add_adapters(base, spec.adapter_style, spec.reduction_factor, spec.non_linearity)

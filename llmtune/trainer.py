@@ -177,7 +177,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             with atomic_dir(target) as tmp:
                 model = self.accelerator.unwrap_model(self.model)
-                save_model(model, tmp, state_dict, self.strategy.kind, self.base_model)
+                save_model(model, tmp, state_dict, self.strategy.kind, self.base_model, self.strategy.settings)
                 self.tokenizer.save_pretrained(str(tmp))
                 if extra is not None:
                     (tmp / "best.json").write_text(json.dumps(extra, indent=1))
