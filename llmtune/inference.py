@@ -54,7 +54,7 @@ def _eval_recipe(
                 tree.pop(key, None)
         tree["tokenizer"] = {}
     else:
-        tree = {"task": task_name or "causal-lm", "data": {}}
+        tree = {"task": task_name or "causal-lm", "data": {}, "train": {"seed": 0}}  # eval masks: seed 0
     tree["model"] = {
         "pretrained": ref.model,
         "trust_remote_code": tree.get("model", {}).get("trust_remote_code", False),

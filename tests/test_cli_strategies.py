@@ -370,7 +370,7 @@ def test_export_merge_refuses_what_cannot_merge(
     assert json.loads((out / "final" / "llmtune_strategy.json").read_text())["kind"] == strategy["kind"]
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     line = _refused(capsys, "export", str(out), "--merge")
-    assert f"export --merge: a {strategy['kind']} model cannot be merged" in line, line
+    assert f"export --merge: a '{strategy['kind']}' model cannot be merged" in line, line
     assert "only lora, adalora, ia3" in line
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
