@@ -77,7 +77,14 @@ def full_run(data: dict[str, Path], tiny_models: dict[str, Path], tmp_path_facto
     out = tmp_path_factory.mktemp("full") / "run"
     recipe = write_recipe(
         out.parent / "r.yaml",
-        classification_recipe(tiny_models["bert"], data["train"], data["valid"], out, max_steps=60),
+        classification_recipe(
+            tiny_models["bert"],
+            data["train"],
+            data["valid"],
+            out,
+            max_steps=60,
+            schedule={"kind": "linear", "warmup_steps": 2},
+        ),
     )
     result = run_cli("finetune", str(recipe))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -89,7 +96,7 @@ def test_finetune_learns_and_saves_a_plain_transformers_model(full_run: Path) ->
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     losses = [r["train/loss"] for r in read_metrics(full_run) if "train/loss" in r]
-    assert losses[-1] < 0.5 * losses[0]
+    assert max(losses[-2:]) < 0.5 * losses[0]
     final = json.loads((full_run / "final_metrics.json").read_text())
     assert final["eval/accuracy"] >= 0.9
     model = AutoModelForSequenceClassification.from_pretrained(str(full_run / "final")).eval()
