@@ -105,3 +105,13 @@ def load_checkpoint(accelerator: Any, path: Path, scheduler: Any) -> tuple[dict[
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True)
     return json.loads((path / "trainer_state.json").read_text()), rng
+
+
+def promote_best(accelerator: Any, best: Path, final: Path) -> None:
+    """Copy the best evaluated model (checkpoints/best, with its metrics) to final/, atomically."""
+    from llmtune.atomic import atomic_dir
+
+    if accelerator.is_main_process:
+        with atomic_dir(final) as tmp:
+            shutil.copytree(best, tmp, dirs_exist_ok=True)
+    accelerator.wait_for_everyone()

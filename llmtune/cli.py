@@ -61,6 +61,18 @@ def validate(
     typer.echo(dump_recipe(load_recipe(recipe, set_ or [])), nl=False)
 
 
+@app.command()
+def keys(
+    section: Annotated[
+        str | None, typer.Argument(help="A section (train, data, strategy, ...) or key; default every key.")
+    ] = None,
+) -> None:
+    """List every recipe key with its type, default and description (from the schema)."""
+    from llmtune.recipe.keys import format_keys, recipe_keys
+
+    typer.echo(format_keys(recipe_keys(section)))
+
+
 DataOption = Annotated[
     str | None,
     typer.Option(
@@ -103,12 +115,13 @@ def eval_(
 ) -> None:
     """Evaluate a saved model with its task's metrics: perplexity (sliding window), masked/target-token
     loss, accuracy / F1 / Matthews, entity F1, SQuAD EM / F1, BLEU / chrF / ROUGE."""
-    from llmtune.inference import evaluate_model
+    from llmtune.inference import EvalArgs, evaluate_model
 
     overrides = [*(set_ or []), *([f"data.text_column={text_column}"] if text_column else [])]
-    result = evaluate_model(
-        model, data, split, data_config, block_size, stride, batch_size, task, output, seed, overrides, predictions
+    args = EvalArgs(
+        data, split, data_config, block_size, stride, batch_size, task, output, seed, overrides, predictions
     )
+    result = evaluate_model(model, args)
     if result is None:  # not the main process of a multi-process evaluation
         return
     if as_json:
@@ -142,11 +155,12 @@ def predict(
 ) -> None:
     """Per-example predictions of a fine-tuned model (label, entities, answer text, generated text); the
     data needs no labels."""
-    from llmtune.inference import evaluate_model
+    from llmtune.inference import EvalArgs, evaluate_model
 
-    result = evaluate_model(
-        model, data, split, data_config, None, None, batch_size, task, None, None, set_ or [], output, labelled=False
+    args = EvalArgs(
+        data, split, data_config, batch_size=batch_size, task=task, overrides=set_ or [], predictions=output
     )
+    result = evaluate_model(model, EvalArgs(**{**vars(args), "labelled": False}))
     if result is not None:
         typer.echo(f"{result['predictions']['count']} predictions written to {result['predictions']['path']}")
 
@@ -185,12 +199,35 @@ def export(
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors (bad input, bad options) become one line on stderr and exit code 2."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(str(exc))
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        _interrupted()
+    except Exception as exc:
+        # Click's exceptions, matched by name: typer >= 0.27 vendors its own copy of click.
+        kinds = {cls.__name__ for cls in type(exc).__mro__}
+        context = getattr(exc, "ctx", None)
+        if "NoArgsIsHelpError" in kinds:
+            typer.echo(context.get_help() if context is not None else "")
+            sys.exit(0)
+        if "UsageError" in kinds:
+            command = context.command_path if context is not None else "llmtune"
+            _fail(f"{exc.format_message()} (see {command} --help)")  # type: ignore[attr-defined]
+        if "Abort" in kinds:
+            _interrupted()
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> None:
+    """Print one error line and exit 2."""
+    print("error: " + " ".join(message.split()), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _interrupted() -> None:
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)

@@ -1,17 +1,22 @@
 """Raw dataset loading: a hub dataset, local files (text, json/jsonl, csv, parquet) or a built-in corpus.
 
 The result always has the splits the caller asks for; a validation split is carved off the training
-split reproducibly (`data.split_seed`) when the source has none. Every problem is a one-line `UserError`.
+split reproducibly (`data.split_seed`) when the source has none. Files are checked before a library reads
+them (JSON lines and CSV rows, with line numbers), and every column the task reads is checked for missing
+values and for the kind of value it must hold. Every problem is a one-line `UserError` naming the file,
+split, row or column; blank text documents, which pretraining can safely skip, are skipped and counted.
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
 import hashlib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from llmtune.corpora import builtin_documents
 from llmtune.errors import UserError
@@ -35,10 +40,27 @@ _TEXTUAL = {"text", "json", "csv", "tsv", "conll", "squad", "parallel"}
 
 @dataclass
 class RawData:
-    """Raw splits by name, and a fingerprint that changes whenever their content may have changed."""
+    """Raw splits by name, a fingerprint that changes whenever their content may have changed, and what
+    loading counted (examples skipped as blank, how text files were split into examples)."""
 
     splits: dict[str, Dataset]
     fingerprint: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Required:
+    """A column every split must have, and what its cells must hold.
+
+    `cells`: text (a string), scalar (a string or number: labels), list (a list: words, tags, messages) or
+    any. `blank`: a null or whitespace-only cell is an error naming its row, or (pretraining text) skipped
+    and counted, or allowed (an optional template field).
+    """
+
+    key: str  # the recipe key naming the column, e.g. data.label_column
+    column: str  # the column; `a.b` reads field b of column a (only `a` is checked here)
+    cells: Literal["text", "scalar", "list", "any"] = "any"
+    blank: Literal["error", "skip", "allow"] = "error"
 
 
 def _check_utf8(path: Path) -> None:
@@ -165,15 +187,86 @@ def _load_files(split: str, paths: list[str], spec: DataSpec) -> tuple[Dataset, 
         return _read_squad(paths, spec), json.dumps(stamp)
     if fmt == "parallel":
         return _read_parallel(split, paths, spec), json.dumps(stamp)
-    kwargs: dict[str, Any] = {"sample_by": "paragraph"} if fmt == "text" else {}
-    if fmt == "tsv":  # GLUE-style: tab-separated, a header row, quotes are text (csv.QUOTE_NONE)
-        fmt, kwargs = "csv", {"delimiter": "\t", "quoting": 3}
+    kwargs: dict[str, Any] = {}
+    if fmt == "text":
+        kwargs["sample_by"] = _sample_by(paths, spec)
+    elif fmt == "json":
+        for p in paths:
+            _check_json(Path(p))
+    elif fmt in ("csv", "tsv"):
+        # tsv is GLUE-style: tab-separated, a header row, quotes are text (csv.QUOTE_NONE)
+        kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
+        for p in paths:
+            _check_rows(Path(p), kwargs.get("delimiter", ","), kwargs.get("quoting", csv.QUOTE_MINIMAL))
+        fmt = "csv"
     try:
         ds = load_dataset(fmt, data_files={split: paths}, split=split, **kwargs)
     except Exception as exc:  # the builders raise many types; the user needs the file and the reason
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"data.files.{split}: cannot read {paths[0]!r} as {fmt}: {first}") from None
-    return ds, json.dumps(stamp)
+    return ds, json.dumps([stamp, kwargs.get("sample_by")])
+
+
+def _sample_by(paths: list[str], spec: DataSpec) -> str:
+    """How the text loader cuts these files into examples: data.sample_by, or for `auto` paragraphs when a
+    file has a blank line and lines otherwise (one sentence or document per line, as `run_clm` reads text)."""
+    if spec.sample_by != "auto":
+        return spec.sample_by
+    for p in paths:
+        with Path(p).open(encoding="utf-8") as fh:
+            previous_blank = False
+            for number, line in enumerate(fh):
+                blank = not line.strip()
+                if blank and number > 0 and not previous_blank:
+                    return "paragraph"
+                previous_blank = blank
+    return "line"
+
+
+def _check_json(path: Path) -> None:
+    """A .json file holds one JSON document or JSON lines; refuse anything else with its line number."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError as whole:
+        first_error = whole
+    lines = text.splitlines()
+    if len([line for line in lines if line.strip()]) < 2:  # one document, broken
+        raise UserError(
+            f"{path}, line {first_error.lineno}: not valid JSON ({first_error.msg}); fix the file or its extension"
+        )
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno}); a JSON-lines file "
+                "holds one JSON object per line"
+            ) from None
+        if not isinstance(row, dict):
+            raise UserError(
+                f"{path}, line {number}: a JSON-lines row must be an object {{column: value}}, got {type(row).__name__}"
+            )
+
+
+def _check_rows(path: Path, delimiter: str, quoting: int) -> None:
+    """Every CSV/TSV row has as many fields as the header (pandas fills short rows with nulls silently)."""
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+        header = next(reader, None)
+        if header is None:
+            return
+        for row in reader:
+            if row and len(row) != len(header):
+                name = "TSV" if delimiter == "\t" else "CSV"
+                raise UserError(
+                    f"{path}, line {reader.line_num}: {len(row)} fields but the header has {len(header)} "
+                    f"({', '.join(header)}); every {name} row needs one value per column"
+                    + (" (quote values that contain a comma)" if delimiter == "," else "")
+                )
 
 
 def _load_hub(spec: DataSpec, split: str) -> tuple[Dataset, str]:
@@ -214,15 +307,16 @@ def _load_split(spec: DataSpec, split: str) -> tuple[Dataset, str] | None:
 
 
 def load_raw(
-    spec: DataSpec, splits: tuple[str, ...] = ("train", "validation"), columns: dict[str, str] | None = None
+    spec: DataSpec, splits: tuple[str, ...] = ("train", "validation"), columns: list[Required] | None = None
 ) -> RawData:
     """Load the `train` and/or `validation` splits the spec describes (names mapped via train_split etc.).
 
-    `columns` maps recipe keys to the columns every split must have (default: data.text_column); a
-    dotted name `a.b` needs column `a`.
+    `columns` are what every split must have (default: data.text_column, blank documents skipped); a
+    dotted name `a.b` needs column `a`. Blank cells of a skippable column are dropped (and counted) before
+    a validation split is carved off.
     """
     if columns is None:
-        columns = {"data.text_column": spec.text_column}
+        columns = [Required("data.text_column", spec.text_column, "text", "skip")]
     names = {"train": spec.train_split, "validation": spec.validation_split}
     loaded: dict[str, Dataset] = {}
     prints: list[str] = []
@@ -234,20 +328,101 @@ def load_raw(
                 prints.append(f"{role}={fp}")
     if "train" in splits and "train" not in loaded:
         raise UserError(f"data: the source has no '{spec.train_split}' split; set data.train_split or data.files.train")
+    if "validation" in splits and "validation" not in loaded and "train" not in loaded:
+        raise UserError(f"data: the source has no '{spec.validation_split}' split to evaluate on")
+    stats: dict[str, Any] = {}
+    for role, ds in list(loaded.items()):
+        loaded[role], skipped = _checked(ds, role, columns)
+        if skipped:
+            stats[f"{role}_skipped_blank"] = skipped
     if "validation" in splits and "validation" not in loaded:
-        if "train" not in loaded:
-            raise UserError(f"data: the source has no '{spec.validation_split}' split to evaluate on")
-        carved = loaded["train"].train_test_split(test_size=spec.validation_fraction, seed=spec.split_seed)
-        loaded["train"], loaded["validation"] = carved["train"], carved["test"]
+        loaded["train"], loaded["validation"] = _carve(loaded["train"], spec)
         prints.append(f"carved={spec.validation_fraction}/{spec.split_seed}")
     for role, ds in loaded.items():
-        for key, column in columns.items():
-            if column.split(".")[0] not in ds.column_names:
-                raise UserError(
-                    f"{key}: column {column!r} not in the {role} split; columns found: {', '.join(ds.column_names)}"
-                )
         if len(ds) == 0:
             raise UserError(f"data: the {role} split is empty; give it some rows")
     result = {role: loaded[role] for role in splits}
-    digest = hashlib.sha256("|".join([*columns.values(), *prints]).encode()).hexdigest()[:16]
-    return RawData(result, digest)
+    digest = hashlib.sha256("|".join([*(c.column for c in columns), *prints]).encode()).hexdigest()[:16]
+    return RawData(result, digest, stats)
+
+
+def _carve(train: Dataset, spec: DataSpec) -> tuple[Dataset, Dataset]:
+    """A reproducible validation split off the training split; refuse one too small to split."""
+    held_out = math.ceil(spec.validation_fraction * len(train))
+    if len(train) < 2 or held_out >= len(train):
+        unit = f"examples (text files read by {spec.sample_by})" if spec.files is not None else "examples"
+        raise UserError(
+            f"data: the train split has {len(train)} {unit}, too few to carve off a validation split; "
+            "give one in data.files.validation, or set data.sample_by: line for a file of one-sentence lines"
+        )
+    carved = train.train_test_split(test_size=spec.validation_fraction, seed=spec.split_seed)
+    return carved["train"], carved["test"]
+
+
+_KINDS = {"text": "text", "scalar": "a label (a string or a number)", "list": "a list", "any": "a value"}
+
+
+def _cell_kind(arrow_type: Any) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "text"
+    if pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_boolean(arrow_type):
+        return "number"
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return "list"
+    if pa.types.is_null(arrow_type):
+        return "null"
+    return str(arrow_type)
+
+
+def _checked(ds: Dataset, role: str, columns: list[Required]) -> tuple[Dataset, int]:
+    """Refuse a missing column, cells of the wrong kind and (unless skippable) null or blank cells; drop the
+    blank rows of skippable columns. Returns the split and how many rows were dropped."""
+    import pyarrow.compute as pc
+
+    if len(ds) == 0:
+        raise UserError(f"data: the {role} split is empty; give it some rows")
+    if ds._indices is not None:
+        ds = ds.flatten_indices()
+    skip = None
+    for need in columns:
+        top = need.column.split(".")[0]
+        if top not in ds.column_names:
+            raise UserError(
+                f"{need.key}: column {need.column!r} not in the {role} split; "
+                f"columns found: {', '.join(ds.column_names)}"
+            )
+        if "." in need.column:
+            continue  # a field of a struct column: the task checks each value
+        column = ds.data.column(top)
+        kind = _cell_kind(column.type)
+        if kind == "null":  # every cell empty: the type is not known
+            raise UserError(f"{need.key}: column {need.column!r} is empty in every row of the {role} split; fill it")
+        fits = {"text": kind == "text", "scalar": kind in ("text", "number"), "list": kind == "list"}
+        if not fits.get(need.cells, True):
+            raise UserError(
+                f"{need.key}: column {need.column!r} of the {role} split holds {kind} values, not "
+                f"{_KINDS[need.cells]}; point the key at the right column or fix the data"
+            )
+        if need.blank == "allow":
+            continue
+        if kind == "text":  # null, empty or whitespace only
+            blank = pc.equal(pc.utf8_trim_whitespace(pc.fill_null(column, "")), "")
+        else:
+            blank = column.is_null()
+        if not pc.any(blank).as_py():
+            continue
+        if need.blank == "skip":
+            skip = blank if skip is None else pc.or_(skip, blank)
+            continue
+        row = pc.indices_nonzero(blank.combine_chunks() if hasattr(blank, "combine_chunks") else blank)[0].as_py()
+        count = pc.sum(blank).as_py()
+        raise UserError(
+            f"{need.key}: column {need.column!r} has no value in row {row} of the {role} split "
+            f"({count} row(s) in all); fill them or remove those rows"
+        )
+    if skip is None:
+        return ds, 0
+    keep = pc.indices_nonzero(pc.invert(skip)).to_numpy()
+    return ds.select(keep), len(ds) - len(keep)

@@ -1,9 +1,11 @@
-"""The evaluation loop every task shares: per-example values, reduced per batch, gathered across ranks."""
+"""The evaluation loop every task shares: per-example values, reduced per batch, gathered across ranks,
+then scored by the task's metrics and the recipe's `evaluate` modules."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from llmtune.metrics import module_metrics
 from llmtune.tasks.base import EvalOutputs, Task
 
 
@@ -36,8 +38,21 @@ def collect(accelerator: Any, model: Any, dataloader: Any, task: Task, max_batch
     return outputs
 
 
+def score(task: Task, outputs: EvalOutputs, modules: list[tuple[str, Any, dict[str, Any]]]) -> dict[str, float]:
+    """The task's metrics over the gathered outputs, then each `evaluate` module's on its scored pairs."""
+    metrics = task.metrics(outputs)
+    if modules:
+        metrics.update(module_metrics(modules, *task.scored_pairs(outputs)))
+    return metrics
+
+
 def evaluate(
-    accelerator: Any, model: Any, dataloader: Any, task: Task, max_batches: int | None = None
+    accelerator: Any,
+    model: Any,
+    dataloader: Any,
+    task: Task,
+    max_batches: int | None = None,
+    modules: list[tuple[str, Any, dict[str, Any]]] | None = None,
 ) -> dict[str, float]:
-    """The task's metrics over a prepared dataloader (see `collect`)."""
-    return task.metrics(collect(accelerator, model, dataloader, task, max_batches))
+    """The metrics over a prepared dataloader (see `collect` and `score`)."""
+    return score(task, collect(accelerator, model, dataloader, task, max_batches), modules or [])

@@ -3,135 +3,159 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtune.atomic import write_text_atomic
 from llmtune.errors import UserError
+from llmtune.modeling import context_length
 from llmtune.recipe import Recipe, load_recipe
 from llmtune.run import has_accelerator, quiet_libraries
+from llmtune.run_dir import RunDir, run_dir_of
 
 
 @dataclass
 class ModelRef:
-    """What MODEL on the command line named: the model to load and, for a run directory, its recipe."""
+    """What MODEL on the command line named: the model to load and, for a run directory, the run and its recipe."""
 
     model: str
-    run_dir: Path | None
+    run: RunDir | None
     recipe: Recipe | None
 
 
 def resolve_model(name: str) -> ModelRef:
     """A run directory (its final/), a model directory, or a hub id."""
-    path = Path(name)
-    if (path / "recipe.resolved.yaml").is_file():
-        if not (path / "final").is_dir():
+    run = run_dir_of(name)
+    if run is not None:
+        if not run.final.is_dir():
             raise UserError(f"{name}: the run has no final/ model yet; finish it with llmtune pretrain --resume")
-        return ModelRef(str(path / "final"), path, load_recipe(path / "recipe.resolved.yaml"))
+        return ModelRef(str(run.final), run, load_recipe(run.recipe))
+    if Path(name).exists() and not Path(name).is_dir():
+        raise UserError(f"MODEL: {name} is a file; pass a run directory, a model directory or a hub id")
     return ModelRef(name, None, None)
-
-
-def _eval_recipe(
-    ref: ModelRef,
-    data: str | None,
-    split: str,
-    data_config: str | None,
-    task_name: str | None,
-    overrides: list[str],
-) -> Recipe:
-    """The recipe `eval` / `predict` run by: the run's own (model = its final/), or one made from the flags.
-
-    `--set` overrides apply to it like to a training recipe (e.g. --set data.label_column=sentiment).
-    """
-    from llmtune.recipe import TASK_SECTIONS, build_recipe
-
-    if ref.recipe is not None:
-        tree = ref.recipe.model_dump(mode="json", exclude={"expect", "tracking"})
-        if task_name is not None and task_name != tree["task"]:
-            tree["task"] = task_name
-            for key in TASK_SECTIONS:
-                tree.pop(key, None)
-        tree["tokenizer"] = {}
-    else:
-        tree = {"task": task_name or "causal-lm", "data": {}, "train": {"seed": 0}}  # eval masks: seed 0
-    tree["model"] = {
-        "pretrained": ref.model,
-        "trust_remote_code": tree.get("model", {}).get("trust_remote_code", False),
-    }
-    if data is not None:
-        spec = tree["data"]
-        trained_on = [
-            Path(p).suffix for ps in (spec.get("files") or {}).values() for p in ([ps] if isinstance(ps, str) else ps)
-        ]
-        keep_format = spec.get("format") is not None and Path(data).suffix in trained_on  # e.g. squad json
-        for key in ("source", "hub", "hub_config", "files", "revision", *([] if keep_format else ["format"])):
-            spec.pop(key, None)
-        is_file = Path(data).exists() or Path(data).suffix.lower() in FILE_SUFFIXES
-        if is_file:
-            spec["files"] = {split: str(Path(data).resolve())}
-        else:
-            spec.update(hub=data, hub_config=data_config)
-        spec["validation_split"] = split
-    elif ref.recipe is None:
-        raise UserError("--data is needed when MODEL is not a run directory (a file path or a hub dataset name)")
-    return build_recipe(tree, Path.cwd(), overrides, source="eval")
 
 
 FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".conll")
 
 
-def evaluate_model(
-    model_name: str,
-    data: str | None,
-    split: str,
-    data_config: str | None,
-    block_size: int | None,
-    stride: int | None,
-    batch_size: int,
-    task_name: str | None,
-    output: str | None,
-    seed: int | None = None,
-    overrides: list[str] | None = None,
-    predictions: str | None = None,
-    labelled: bool = True,
-) -> dict[str, Any] | None:
+def _data_keys(spec: dict[str, Any], data: str, split: str, data_config: str | None) -> None:
+    """Point a data section at `--data` (a file, or a hub dataset), keeping a declared format for files like the
+    training ones (e.g. squad json)."""
+    trained_on = [
+        Path(p).suffix for ps in (spec.get("files") or {}).values() for p in ([ps] if isinstance(ps, str) else ps)
+    ]
+    keep_format = spec.get("format") is not None and Path(data).suffix in trained_on
+    for key in ("source", "hub", "hub_config", "files", "revision", *([] if keep_format else ["format"])):
+        spec.pop(key, None)
+    if Path(data).exists() or Path(data).suffix.lower() in FILE_SUFFIXES:
+        spec["files"] = {split: str(Path(data).resolve())}
+    else:
+        spec.update(hub=data, hub_config=data_config)
+    spec["validation_split"] = split
+
+
+def _eval_recipe(ref: ModelRef, args: EvalArgs, config: Any) -> Recipe:
+    """The recipe `eval` / `predict` run by: the run's own (model = its final/), or one made from the flags.
+
+    `--set` overrides apply to it like to a training recipe (e.g. --set data.label_column=sentiment). With
+    `--task` naming another task than the run's, only the data's source is kept.
+    """
+    from llmtune.recipe import GENERAL_KEYS, build_recipe
+    from llmtune.tasks.registry import task_entry
+
+    if ref.recipe is not None:
+        tree = ref.recipe.model_dump(mode="json", include=set(GENERAL_KEYS) | {ref.recipe.entry.section or "task"})
+        tree.pop("expect", None)
+        tree.pop("tracking", None)
+        if args.task is not None and args.task != tree["task"]:
+            reads = {c.key for c in task_entry(args.task).columns}
+            data = {k: v for k, v in tree["data"].items() if not k.endswith("_column") or k in reads}
+            tree = {"task": args.task, "data": data, "train": {"seed": tree["train"]["seed"]}}
+        tree["tokenizer"] = {}
+    else:
+        tree = {"task": args.task or "causal-lm", "data": {}, "train": {"seed": 0}}  # eval masks: seed 0
+    tree["model"] = {
+        "pretrained": ref.model,
+        "trust_remote_code": tree.get("model", {}).get("trust_remote_code", False),
+    }
+    if args.data is not None:
+        _data_keys(tree["data"], args.data, args.split, args.data_config)
+    elif ref.recipe is None:
+        raise UserError("--data is needed when MODEL is not a run directory (a file path or a hub dataset name)")
+    if args.seed is not None:
+        tree["train"]["seed"] = args.seed
+    if args.block_size is not None:
+        tree["data"]["block_size"] = args.block_size
+    elif ref.recipe is None:
+        tree["data"]["block_size"] = min(context_length(config) or 1024, 1024)
+    tree["data"]["eval_stride"] = args.stride
+    return build_recipe(tree, Path.cwd(), args.overrides, source="eval")
+
+
+def check_output_file(path: str | None, option: str) -> None:
+    """Refuse an output path that is a directory or cannot be written, before any work is done."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{option} {path}: is a directory; give a file path")
+    existing = next(p for p in (target.parent.resolve(), *target.parent.resolve().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{option} {path}: {existing} is a file, not a directory; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: {existing} is not writable; give a path you can write to")
+
+
+@dataclass
+class EvalArgs:
+    """What `llmtune eval` / `predict` were asked for."""
+
+    data: str | None = None
+    split: str = "validation"
+    data_config: str | None = None
+    block_size: int | None = None
+    stride: int | None = None
+    batch_size: int = 8
+    task: str | None = None
+    output: str | None = None
+    seed: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    predictions: str | None = None
+    labelled: bool = True
+
+
+def evaluate_model(model_name: str, args: EvalArgs) -> dict[str, Any] | None:
     """`llmtune eval` / `predict`: a saved model's metrics (and per-example predictions) on a dataset.
 
-    By default the data is the run's validation split; `--data` names a file or hub dataset. Under
-    several processes every rank evaluates its share; only the main process gets the result (others None).
+    By default the data is the run's validation split; `--data` names a file or hub dataset. The task's
+    methods are called in the order training calls them (see `llmtune.tasks.base`). Under several
+    processes every rank evaluates its share; only the main process gets the result (others None).
     """
+    check_output_file(args.output, "--output")
+    check_output_file(args.predictions, "--predictions" if args.labelled else "--output")
     ref = resolve_model(model_name)
     quiet_libraries()
-    recipe = _eval_recipe(ref, data, split, data_config, task_name, list(overrides or []))
     from llmtune.data import load_raw
-    from llmtune.evaluation import collect
-    from llmtune.modeling import context_length, load_for_inference
+    from llmtune.evaluation import collect, score
+    from llmtune.metrics import load_metric_modules
+    from llmtune.modeling import load_config, load_for_inference
     from llmtune.tasks import get_task
 
-    task = get_task(recipe.task, recipe)
-    if seed is not None:
-        task.seed = seed  # masks / spans of masked-lm and span-corruption evaluation
-    if not labelled:
-        if not hasattr(task, "predictions"):
-            raise UserError(f"predict: {task.name} gives no per-example predictions; use llmtune eval or generate")
-        task.labelled = False
-    if predictions is not None and not hasattr(task, "predictions"):
-        raise UserError(f"--predictions: {task.name} gives no per-example predictions")
-    model, tokenizer = load_for_inference(
-        ref.model, task.auto_class, task.name, recipe.model.trust_remote_code, recipe.strategy
-    )
-    spec = recipe.data
-    if block_size is not None:
-        spec.block_size = block_size
-    elif ref.recipe is None:
-        spec.block_size = min(context_length(model.config) or 1024, 1024)
-    spec.eval_stride = stride
-    spec = type(spec).model_validate(spec.model_dump())  # re-check stride <= block size
-    task.setup(spec, model, tokenizer)
+    trust = ref.recipe.model.trust_remote_code if ref.recipe is not None else False
+    recipe = _eval_recipe(ref, args, load_config(ref.model, trust))
+    task = get_task(recipe, labelled=args.labelled)
+    if (args.predictions is not None or not args.labelled) and not recipe.entry.predicts:
+        command = "predict" if not args.labelled else "--predictions"
+        raise UserError(f"{command}: {task.name} gives no per-example predictions; use llmtune eval or generate")
+    modules = load_metric_modules(recipe.metrics) if args.labelled else []
     # carved off train exactly as training did, if need be
-    raw = load_raw(spec, splits=("validation",), columns=task.required_columns(spec))
-    prepared = task.prepare(raw, tokenizer, spec)
+    raw = load_raw(recipe.data, splits=("validation",), columns=task.required_columns())
+    model, tokenizer = load_for_inference(ref.model, task.auto_class, task.name, trust, recipe.strategy)
+    task.setup(model, tokenizer)
+    prepared = task.prepare(raw, tokenizer)
 
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
@@ -143,48 +167,45 @@ def evaluate_model(
     lengths = prepared.lengths.get("validation")
     loader = DataLoader(
         prepared.splits["validation"],
-        batch_size=batch_size,
+        batch_size=args.batch_size,
         shuffle=False,
         **({"collate_fn": collate} if collate else {}),
         **({"sampler": longest_first(lengths)} if lengths else {}),
     )
     model, loader = accelerator.prepare(model, loader)
     outputs = collect(accelerator, model, loader, task)
-    metrics: dict[str, Any] = task.metrics(outputs) if labelled else {}
+    metrics: dict[str, Any] = score(task, outputs, modules) if args.labelled else {}
+    data = recipe.data
     result = {
         "model": ref.model,
-        "data": data or "recipe validation split",
-        "split": split,
+        "data": args.data or "recipe validation split",
+        "split": args.split,
         "task": task.name,
         "seed": task.seed,
-        "block_size": spec.block_size,
-        **({"stride": spec.eval_stride or spec.block_size} if task.name == "causal-lm" else {}),
+        "block_size": data.block_size,
+        **({"stride": data.eval_stride or data.block_size} if task.name == "causal-lm" else {}),
         "metrics": metrics,
     }
     if not accelerator.is_main_process:
         return None
-    if predictions is not None:
+    if args.predictions is not None:
         rows = task.predictions(outputs)
-        _write_jsonl(Path(predictions), rows)
-        result["predictions"] = {"path": str(Path(predictions).resolve()), "count": len(rows)}
-    targets = [Path(output)] if output else []
-    if ref.run_dir is not None and labelled:
-        name = "validation" if data is None else Path(data).stem + "-" + split
-        targets.append(ref.run_dir / "eval" / f"{name}.json")
+        _write_jsonl(Path(args.predictions), rows)
+        result["predictions"] = {"path": str(Path(args.predictions).resolve()), "count": len(rows)}
+    targets = [Path(args.output)] if args.output else []
+    if ref.run is not None and args.labelled:
+        name = "validation" if args.data is None else Path(args.data).stem + "-" + args.split
+        targets.append(ref.run.eval / f"{name}.json")
     for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=1), encoding="utf-8")
+        write_text_atomic(target, json.dumps(result, indent=1))
     return result
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write records one JSON per line, atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def generate(
@@ -203,6 +224,7 @@ def generate(
     from transformers import set_seed
 
     from llmtune.modeling import load_for_inference
+    from llmtune.tasks.generation import cut_at_eos, decode, eos_ids
 
     ref = resolve_model(model_name)
     quiet_libraries()
@@ -226,8 +248,8 @@ def generate(
         kwargs.update(temperature=temperature or 1.0, top_k=top_k or 0, top_p=top_p or 1.0)
     with torch.no_grad():
         out = model.generate(**inputs, **kwargs)
-    start = inputs["input_ids"].shape[1]
-    return [prompt + tokenizer.decode(row[start:], skip_special_tokens=True) for row in out]
+    generated = cut_at_eos(out[:, inputs["input_ids"].shape[1] :], eos_ids(model), tokenizer.pad_token_id)
+    return [prompt + text for text in decode(tokenizer, generated.tolist())]
 
 
 def export(run: str, output: str | None, merge: bool) -> Path:
@@ -236,12 +258,13 @@ def export(run: str, output: str | None, merge: bool) -> Path:
     from llmtune.strategies import strategy_info
 
     ref = resolve_model(run)
-    if ref.recipe is None or ref.run_dir is None:
+    if ref.recipe is None or ref.run is None:
         raise UserError(f"{run}: not an llmtune run directory (no recipe.resolved.yaml); export takes a run")
     info = strategy_info(ref.model)
-    target = Path(output) if output else ref.run_dir / "export"
+    target = Path(output) if output else ref.run.export
     if target.exists():
         raise UserError(f"--output {target} already exists; remove it or choose another directory")
+    check_output_file(str(target), "--output")
     quiet_libraries()
     from llmtune.atomic import atomic_dir
     from llmtune.modeling import load_for_inference
@@ -255,7 +278,7 @@ def export(run: str, output: str | None, merge: bool) -> Path:
         return target
     if not merge:
         raise UserError(f"export: {run} holds {info['kind']} adapter weights; pass --merge to fold them into the base")
-    task = get_task(ref.recipe.task, ref.recipe)
+    task = get_task(ref.recipe)
     if info["kind"] not in ("lora", "adalora", "ia3"):
         merge_adapter(None, info["kind"])  # refuses with the reason
     model, tokenizer = load_for_inference(

@@ -125,3 +125,54 @@ def generation_metrics(predictions: list[str], references: list[str], which: lis
         n = max(len(predictions), 1)
         result.update({kind: 100 * total / n for kind, total in sums.items()})
     return result
+
+
+def load_metric_modules(specs: list[Any]) -> list[tuple[str, Any, dict[str, Any]]]:
+    """The recipe's `metrics:` entries as loaded `evaluate` modules: (report name, module, compute args).
+
+    Loaded before anything is trained, so a module that cannot load is a one-line error up front.
+    """
+    if not specs:
+        return []
+    import evaluate
+
+    from llmtune.errors import UserError
+
+    loaded = []
+    for index, spec in enumerate(specs):
+        try:
+            module = evaluate.load(spec.module, keep_in_memory=True)
+        except Exception as exc:  # evaluate raises many types (FileNotFoundError, ConnectionError, ...)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(
+                f"metrics[{index}].module: cannot load {spec.module!r} ({first}); name a local metric script "
+                "(e.g. ./my_metric.py) or a hub metric id reachable from here"
+            ) from None
+        loaded.append((spec.label, module, dict(spec.args)))
+    return loaded
+
+
+def module_metrics(
+    modules: list[tuple[str, Any, dict[str, Any]]], predictions: list[Any], references: list[Any]
+) -> dict[str, float]:
+    """Each module's numeric results on the task's predictions and references: `eval/<name>` when it returns
+    one value, else `eval/<name>_<key>` for each."""
+    from llmtune.errors import UserError
+
+    found: dict[str, float] = {}
+    for name, module, args in modules:
+        try:
+            result = module.compute(predictions=predictions, references=references, **args)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(
+                f"metrics: the evaluate module {name!r} failed on this task's predictions: {first}"
+            ) from None
+        numbers = {
+            k: float(v) for k, v in (result or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        if len(numbers) == 1:
+            found[f"eval/{name}"] = next(iter(numbers.values()))
+        else:
+            found.update({f"eval/{name}_{key}": value for key, value in numbers.items()})
+    return found

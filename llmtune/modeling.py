@@ -172,7 +172,8 @@ def build_model(
 
 
 def check_task_fits(config: Any, auto_class_name: str, task_name: str) -> None:
-    """Refuse a model whose architecture the task's auto class cannot build (e.g. BERT for causal-lm)."""
+    """Refuse a model whose architecture the task's auto class cannot build (e.g. T5 for causal-lm), and an
+    encoder for a causal LM (BERT has a causal head class, but as an encoder it reads both directions)."""
     import transformers
 
     mapping = getattr(transformers.models.auto, auto_class_name)._model_mapping
@@ -181,6 +182,37 @@ def check_task_fits(config: Any, auto_class_name: str, task_name: str) -> None:
             f"model: a {config.model_type!r} model cannot do {task_name} ({auto_class_name} does not "
             "know it); choose a model of a fitting family"
         )
+    masked = transformers.models.auto.AutoModelForMaskedLM._model_mapping
+    if auto_class_name == "AutoModelForCausalLM" and type(config) in masked and not config.is_decoder:
+        raise UserError(
+            f"model: a {config.model_type!r} model is an encoder (bidirectional), not a causal LM, so it cannot "
+            f"do {task_name}; use a decoder such as GPT-2"
+        )
+
+
+def check_trained_for(config: Any, auto_class_name: str, task_name: str, name: str) -> None:
+    """Refuse a saved model whose head was trained for another task (its config's `architectures` says which):
+    evaluating it would put a fresh, random head on it."""
+    import transformers
+
+    saved = list(getattr(config, "architectures", None) or [])
+    names = getattr(transformers.models.auto, auto_class_name)._model_mapping._model_mapping
+    fitting = {n for value in names.values() for n in ([value] if isinstance(value, str) else value)}
+    if saved and not any(arch in fitting for arch in saved):
+        raise UserError(
+            f"MODEL: {name} holds a {saved[0]}, not a model trained for {task_name} ({auto_class_name}); "
+            "pass the run or model that task was trained into, or --task for what this model does"
+        )
+
+
+def load_config(name: str, trust_remote_code: bool = False) -> Any:
+    """A saved model's config (run's final/, model directory or hub id)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise _load_error("MODEL", name, exc) from None
 
 
 def check_vocab(model: Any, tokenizer: Any) -> None:
@@ -202,19 +234,25 @@ def load_for_inference(
     model with the adapter on it; `strategy` is the run's `StrategySpec` (bottleneck adapters need it).
     """
     import transformers
-    from transformers import AutoConfig
 
     from llmtune.strategies import load_trained, strategy_info
 
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise _load_error("MODEL", name, exc) from None
+    config = load_config(name, trust_remote_code)
     check_task_fits(config, auto_class_name, task_name)
+    adapter = strategy_info(name) is not None
+    if not adapter:
+        check_trained_for(config, auto_class_name, task_name, name)
+    if (
+        Path(name).is_dir()
+        and not adapter
+        and not any(Path(name).glob("*.safetensors"))
+        and not any(Path(name).glob("*.bin"))
+    ):
+        raise UserError(f"MODEL: {name} has a config but no weights (*.safetensors); point at a saved model")
     tokenizer = load_pretrained_tokenizer(name, trust_remote_code=trust_remote_code)
     auto_class = getattr(transformers, auto_class_name)
     try:
-        if strategy_info(name) is not None:
+        if adapter:
             model = load_trained(name, auto_class, strategy, trust_remote_code)
         else:
             model = auto_class.from_pretrained(name, trust_remote_code=trust_remote_code)

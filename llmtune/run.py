@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -14,11 +15,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from llmtune.atomic import write_text_atomic
 from llmtune.errors import UserError
 from llmtune.expect import check_expectations, format_checks
+from llmtune.launch import sharding_warning
 from llmtune.recipe import Recipe, dump_recipe, load_recipe
-
-RUN_MARKERS = ("recipe.resolved.yaml", "checkpoints", "final")
+from llmtune.run_dir import FINAL_METRICS, RunDir
 
 
 class _DropKnownNoise(logging.Filter):
@@ -61,22 +63,54 @@ def say(accelerator: Any, text: str) -> None:
         print(text, flush=True)
 
 
-def _check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    holds_run = any((run_dir / m).exists() for m in RUN_MARKERS)
+def _check_output_dir(run: RunDir, resume: bool, overwrite: bool) -> str:
+    """What the command is to do with the run directory: train, resume, finish (final/ written, the rest not)
+    or nothing (a complete run); refuse what would lose or mix up a run."""
+    from llmtune.checkpoint import list_checkpoints
+
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other; choose one")
-    if holds_run and not (resume or overwrite):
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"output_dir {run.root} is a file, not a directory; choose another output_dir")
+    existing = next(p for p in (run.root, *run.root.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {run.root}: {existing} is not writable; choose an output_dir you can write to")
+    run.refuse_if_in_use()
+    if run.holds_run() and not (resume or overwrite):
         raise UserError(
-            f"output_dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+            f"output_dir {run.root} already holds a run; pass --resume to continue it, --overwrite to "
             "replace it, or --set output_dir=NEW_DIR"
         )
-    if resume:
-        from llmtune.checkpoint import list_checkpoints
+    if not resume:
+        return "train"
+    if run.is_complete():
+        return "complete"
+    if run.final.is_dir():
+        return "finish"
+    if not list_checkpoints(run.checkpoints):
+        raise UserError(f"output_dir {run.root} has no checkpoint to resume from; run without --resume")
+    return "resume"
 
-        if (run_dir / "final").exists():
-            raise UserError(f"output_dir {run_dir} holds a finished run (final/ exists); nothing to resume")
-        if not list_checkpoints(run_dir / "checkpoints"):
-            raise UserError(f"output_dir {run_dir} has no checkpoint to resume from; run without --resume")
+
+def _finished_run(run: RunDir, recipe: Recipe, action: str) -> int:
+    """`--resume` of a run whose final/ is written: say it is complete, or write what its end left unwritten."""
+    if action == "complete":
+        metrics = json.loads(run.final_metrics.read_text(encoding="utf-8"))
+        print(f"run {run.root} is complete (final/ and final_metrics.json exist); nothing to resume")
+        print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return 0
+    saved = run.final / FINAL_METRICS
+    if not saved.is_file():
+        raise UserError(
+            f"output_dir {run.root}: final/ has no {FINAL_METRICS}, so its metrics cannot be recovered; "
+            "evaluate it with llmtune eval, or train again with --overwrite"
+        )
+    metrics = json.loads(saved.read_text(encoding="utf-8"))["metrics"]
+    with run.locked():
+        write_text_atomic(run.final_metrics, json.dumps(metrics, indent=1))
+    print(f"run {run.root}: final/ was written but the run stopped before its end; completed final_metrics.json")
+    print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return _report_expectations(None, recipe, metrics)
 
 
 def has_accelerator() -> bool:
@@ -108,7 +142,7 @@ def _accelerator(recipe: Recipe) -> Any:
         kwargs.update(log_with=list(recipe.tracking), project_dir=recipe.output_dir)
     if train.compile:
         kwargs["dynamo_backend"] = "inductor"
-    return Accelerator(
+    accelerator = Accelerator(
         # accelerate picks gloo data parallelism (MULTI_CPU) for several CPU processes only when told
         # cpu=True; without it each process of `accelerate launch` / torchrun trains alone.
         cpu=not has_accelerator(),
@@ -116,6 +150,10 @@ def _accelerator(recipe: Recipe) -> Any:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
         **kwargs,
     )
+    warning = sharding_warning(accelerator.distributed_type)
+    if warning is not None:
+        say(accelerator, warning)
+    return accelerator
 
 
 def _environment(accelerator: Any, recipe: Recipe, recipe_path: Path) -> dict[str, Any]:
@@ -161,15 +199,33 @@ def _environment(accelerator: Any, recipe: Recipe, recipe_path: Path) -> dict[st
 
 
 def _check_command(recipe: Recipe, command: str) -> None:
-    from llmtune.recipe import FINETUNE_TASKS, PRETRAIN_TASKS
-
-    allowed = PRETRAIN_TASKS if command == "pretrain" else FINETUNE_TASKS
-    if recipe.task not in allowed or (command == "pretrain" and recipe.data.instruction):
+    """Refuse a task the command does not train (the registry says which do) and, for pretraining, a
+    strategy that freezes part of the model."""
+    entry = recipe.entry
+    if command not in entry.commands:
         other = "finetune" if command == "pretrain" else "pretrain"
-        what = "instruction tuning (data.prompt_column / messages_column)" if recipe.data.instruction else recipe.task
+        what = entry.name if entry.name == recipe.task else f"{entry.name} (task {recipe.task} with these data keys)"
         raise UserError(f"task: {what} is a {other} task, not a {command} one; run llmtune {other} RECIPE")
     if command == "pretrain" and recipe.strategy.kind != "full":
         raise UserError(f"strategy.kind: {recipe.strategy.kind} freezes a pretrained body; pretraining trains all")
+
+
+def _rankings(recipe: Recipe) -> tuple[Any, Any]:
+    """How `best_metric` and `early_stopping` compare evaluations, in the directions the task declares."""
+    from llmtune.trainer import Ranking
+
+    spec = recipe.train
+    declared = recipe.metric(spec.best_metric)
+    assert declared is not None and declared.higher_is_better is not None  # the recipe validator checked
+    best = Ranking(spec.best_metric, declared.higher_is_better)
+    stop = spec.early_stopping
+    if stop is None:
+        return best, None
+    if stop.mode is not None:
+        return best, Ranking(stop.metric, stop.mode == "max", stop.min_delta)
+    declared = recipe.metric(stop.metric)
+    assert declared is not None and declared.higher_is_better is not None
+    return best, Ranking(stop.metric, declared.higher_is_better, stop.min_delta)
 
 
 def train(
@@ -178,88 +234,130 @@ def train(
     """`llmtune pretrain` / `finetune`: train the recipe's model; the exit code (1 when `expect:` is missed)."""
     recipe = load_recipe(recipe_path, overrides)
     _check_command(recipe, command)
-    run_dir = Path(recipe.output_dir)
-    _check_output_dir(run_dir, resume, overwrite)
+    run = RunDir(Path(recipe.output_dir))
+    action = _check_output_dir(run, resume, overwrite)
+    if action in ("complete", "finish"):
+        return _finished_run(run, recipe, action)
+    resume = action == "resume"
 
     from accelerate.utils import set_seed
 
-    from llmtune.checkpoint import list_checkpoints
     from llmtune.data import load_raw
+    from llmtune.launch import stop_with_launcher
+    from llmtune.metrics import load_metric_modules
     from llmtune.modeling import build_model, build_tokenizer, load_pretrained_tokenizer
-    from llmtune.strategies import apply_strategy, count_parameters
+    from llmtune.strategies import apply_strategy
     from llmtune.tasks import get_task
-    from llmtune.tracking import MetricsLog, Progress
-    from llmtune.trainer import Trainer, planned_steps
+    from llmtune.trainer import planned_steps
 
+    stop_with_launcher()
     quiet_libraries()
-    task = get_task(recipe.task, recipe)
-    _check_metric_names(recipe, task)
+    task = get_task(recipe)
+    modules = load_metric_modules(recipe.metrics)
     accelerator = _accelerator(recipe)
     started = time.perf_counter()
-    columns = task.required_columns(recipe.data)
-    if recipe.tokenizer.train is not None and "data.text_column" not in columns:
-        raise UserError(f"tokenizer.train reads data.text_column, which {task.name} does not use; use a pretrained one")
     with accelerator.main_process_first():
-        raw = load_raw(recipe.data, columns=columns)
-        saved_tokenizer = run_dir / "tokenizer"
-        if resume and saved_tokenizer.is_dir():
-            tokenizer, origin = load_pretrained_tokenizer(str(saved_tokenizer)), f"saved {saved_tokenizer}"
+        raw = load_raw(recipe.data, columns=task.required_columns())
+        if resume and run.tokenizer.is_dir():
+            tokenizer, origin = load_pretrained_tokenizer(str(run.tokenizer)), f"saved {run.tokenizer}"
         else:
-            texts = raw.splits["train"][recipe.data.text_column] if recipe.tokenizer.train else []
+            train_split = raw.splits["train"]
             tokenizer, origin = build_tokenizer(
-                recipe.tokenizer, recipe.model, lambda: iter(texts), raw.fingerprint, recipe.data.cache_dir
+                recipe.tokenizer,
+                recipe.model,
+                lambda: task.tokenizer_texts(train_split),
+                raw.fingerprint,
+                recipe.data.cache_dir,
             )
     set_seed(recipe.train.seed)
     model = build_model(recipe.model, tokenizer, task.auto_class, task.name, task.model_overrides(raw))
-    task.setup(recipe.data, model, tokenizer)
+    task.setup(model, tokenizer)
     with accelerator.main_process_first():
-        prepared = task.prepare(raw, tokenizer, recipe.data)
+        prepared = task.prepare(raw, tokenizer)
     steps = planned_steps(recipe.train, len(prepared.splits["train"]), accelerator.num_processes)
     applied = apply_strategy(model, recipe.strategy, task.auto_class, steps, recipe.model.from_scratch is not None)
     model = applied.model
     prep_seconds = time.perf_counter() - started
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Everything the user could have got wrong has been checked: only now is anything written, under the
+    # run's lock (held by the main process until it exits).
+    with run.locked() if accelerator.is_main_process else contextlib.nullcontext():
+        _write_run_files(accelerator, run, recipe, recipe_path, tokenizer, model, overwrite)
+        return _fit(
+            accelerator, run, recipe, task, model, tokenizer, prepared, applied, modules, resume, origin, prep_seconds
+        )
+
+
+def _write_run_files(
+    accelerator: Any, run: RunDir, recipe: Recipe, recipe_path: str, tokenizer: Any, model: Any, overwrite: bool
+) -> None:
+    """The resolved recipe, the environment and the tokenizer (after clearing an overwritten run)."""
+    from llmtune.strategies import count_parameters
 
     total, trainable = count_parameters(model)
-    # Everything the user could have got wrong has been checked: only now is anything written.
     if accelerator.is_main_process:
-        if overwrite and run_dir.exists():
-            for marker in (
-                *RUN_MARKERS,
-                "metrics.jsonl",
-                "environment.json",
-                "tokenizer",
-                "final_metrics.json",
-                "eval",
-            ):
-                path = run_dir / marker
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+        if overwrite:
+            run.clear()
+        write_text_atomic(run.recipe, dump_recipe(recipe))
         env = _environment(accelerator, recipe, Path(recipe_path).resolve())
         env["parameters"] = {"strategy": recipe.strategy.kind, "total": total, "trainable": trainable}
-        (run_dir / "environment.json").write_text(json.dumps(env, indent=1), encoding="utf-8")
-        if not saved_tokenizer.is_dir():
-            tokenizer.save_pretrained(str(saved_tokenizer))
+        write_text_atomic(run.environment, json.dumps(env, indent=1))
+        if not run.tokenizer.is_dir():
+            tokenizer.save_pretrained(str(run.tokenizer))
     accelerator.wait_for_everyone()
-    if recipe.tracking:
-        accelerator.init_trackers("tracking")
 
-    log = MetricsLog(run_dir / "metrics.jsonl", accelerator, accelerator.is_main_process)
+
+def _fit(
+    accelerator: Any,
+    run: RunDir,
+    recipe: Recipe,
+    task: Any,
+    model: Any,
+    tokenizer: Any,
+    prepared: Any,
+    applied: Any,
+    modules: list[Any],
+    resume: bool,
+    origin: str,
+    prep_seconds: float,
+) -> int:
+    """Train, write final/ and the final metrics, check `expect:`; the exit code."""
+    from llmtune.checkpoint import list_checkpoints
+    from llmtune.strategies import count_parameters, strategy_info
+    from llmtune.tracking import MetricsLog, Progress
+    from llmtune.trainer import Trainer, prepare_training
+
+    if recipe.tracking:
+        accelerator.init_trackers(run.tracking)
+    best, stop = _rankings(recipe)
+    parts = prepare_training(accelerator, recipe.train, task, model, tokenizer, prepared)
+    log = MetricsLog(run.metrics, accelerator, accelerator.is_main_process)
     trainer = Trainer(
-        accelerator, recipe.train, task, model, tokenizer, prepared, run_dir, log, applied, recipe.model.pretrained
+        accelerator,
+        recipe.train,
+        task,
+        parts,
+        tokenizer,
+        run,
+        log,
+        best,
+        stop,
+        applied,
+        recipe.model.pretrained,
+        modules,
     )
     if resume:
-        step, path = list_checkpoints(run_dir / "checkpoints")[-1]
+        step, path = list_checkpoints(run.checkpoints)[-1]
         trainer.resume(path)
         say(accelerator, f"resumed from {path} (step {step})")
+    total, trainable = count_parameters(model)
     t = recipe.train
     say(
         accelerator,
         "\n".join(
             [
-                f"run: {run_dir}",
+                f"run: {run.root}",
                 f"task: {task.name} | model: {model.config.model_type}, {total:,} parameters ({trainable:,} trainable, "
                 f"{100 * trainable / max(total, 1):.2f}%) | strategy: {recipe.strategy.kind}",
                 f"tokenizer: {origin}, {len(tokenizer)} tokens",
@@ -282,15 +380,27 @@ def train(
             accelerator.end_training()
     if result.interrupted:
         return 130
+    metrics = _final_model(accelerator, trainer, result, recipe, run, progress)
     if accelerator.is_main_process:
-        (run_dir / "final_metrics.json").write_text(json.dumps(result.metrics, indent=1), encoding="utf-8")
-    say(accelerator, "final: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
-    from llmtune.strategies import strategy_info
-
-    info = strategy_info(run_dir / "final")
+        write_text_atomic(run.final_metrics, json.dumps(metrics, indent=1))
+    say(accelerator, "final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    info = strategy_info(run.final)
     size = f" (adapter and head weights alone: {info['adapter_bytes'] / 1024:,.0f} KiB)" if info else ""
-    say(accelerator, f"model saved to {run_dir / 'final'}{size}")
-    return _report_expectations(accelerator, recipe, result.metrics)
+    say(accelerator, f"model saved to {run.final}{size}")
+    return _report_expectations(accelerator, recipe, metrics)
+
+
+def _final_model(accelerator: Any, trainer: Any, result: Any, recipe: Recipe, run: RunDir, progress: Any) -> dict:
+    """Write final/: the best evaluated model (`train.load_best_at_end`) or the last; its metrics."""
+    from llmtune.checkpoint import promote_best
+
+    later_best = result.best_step is not None and result.best_step != result.steps
+    if recipe.train.load_best_at_end and later_best and run.best.exists():
+        promote_best(accelerator, run.best, run.final)
+        say(accelerator, f"final/ holds the best model, from step {result.best_step}")
+        return result.best_metrics
+    trainer.save_model(run.final, result.steps, result.metrics)
+    return result.metrics
 
 
 def _data_lines(stats: dict[str, Any]) -> list[str]:
@@ -298,16 +408,6 @@ def _data_lines(stats: dict[str, Any]) -> list[str]:
     tokens = ", ".join(f"{k.removesuffix('_tokens')} {v:,} tokens" for k, v in stats.items() if k.endswith("_tokens"))
     others = [f"{k} {v}" for k, v in stats.items() if not k.endswith(("_tokens", "cache", "_seconds"))]
     return [f"data: {tokens}", *(["sequences: " + ", ".join(others)] if others else [])]
-
-
-def _check_metric_names(recipe: Recipe, task: Any) -> None:
-    names = set(task.metric_names)
-    wanted = [("expect." + m, m) for m in recipe.expect] + [("train.best_metric", recipe.train.best_metric)]
-    if recipe.train.early_stopping is not None:
-        wanted.append(("train.early_stopping.metric", recipe.train.early_stopping.metric))
-    for key, metric in wanted:
-        if metric not in names:
-            raise UserError(f"{key}: {task.name} reports no metric {metric!r}; it reports {', '.join(sorted(names))}")
 
 
 def _report_expectations(accelerator: Any, recipe: Recipe, metrics: dict[str, float]) -> int:

@@ -265,3 +265,15 @@ def run_cli_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[
         sys.argv = argv
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def make_task(task: str, labelled: bool = True, **sections: Any) -> Any:
+    """The task a recipe with these sections selects (model and data keys default to placeholders)."""
+    from llmtune.recipe import build_recipe
+    from llmtune.tasks import get_task
+
+    tree: dict[str, Any] = {"task": task, "model": {"pretrained": "unused-model"}, "data": {}}
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
+    tree["data"].setdefault("files", {"train": "unused.txt"})
+    return get_task(build_recipe(tree, Path.cwd()), labelled)

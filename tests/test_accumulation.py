@@ -15,7 +15,8 @@ import torch
 
 from llmtune.recipe import TrainSpec
 from llmtune.tasks.base import Prepared
-from llmtune.tasks.causal_lm import IGNORE, CausalLM
+from llmtune.tasks.causal_lm import IGNORE
+from tests.conftest import make_task
 
 SEQ, VOCAB, ROWS = 16, 50, 8
 # Labelled positions per row (the rest of each row's labels are -100, as in an eval window that
@@ -72,8 +73,9 @@ def make_trainer(model: Any, dataset: Any, tokenizer: Any, run_dir: Path, batch_
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    from llmtune.run_dir import RunDir
     from llmtune.tracking import MetricsLog
-    from llmtune.trainer import Trainer
+    from llmtune.trainer import Ranking, Trainer, prepare_training
 
     spec = TrainSpec(
         max_steps=1,
@@ -93,7 +95,9 @@ def make_trainer(model: Any, dataset: Any, tokenizer: Any, run_dir: Path, batch_
     run_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=True)
     prepared = Prepared({"train": dataset, "validation": dataset})
-    return Trainer(accelerator, spec, CausalLM(), model, tokenizer, prepared, run_dir, log)
+    task = make_task("causal-lm")
+    parts = prepare_training(accelerator, spec, task, model, tokenizer, prepared)
+    return Trainer(accelerator, spec, task, parts, tokenizer, RunDir(run_dir), log, Ranking("eval/loss", False))
 
 
 def trained_params(trainer: Any) -> dict[str, Any]:
@@ -167,7 +171,7 @@ def test_whole_batch_loss_is_token_weighted(initial_model: Any, rows: dict[str, 
     """CausalLM.loss / count_items: summed NLL over the batch divided by the given token count."""
     import torch.nn.functional as F
 
-    task = CausalLM()
+    task = make_task("causal-lm")
     batch = {k: v[:4] for k, v in rows.items()}
     count = task.count_items(batch)
     assert int(count) == sum(n if n < SEQ else n - 1 for n in LABELLED[:4])

@@ -145,7 +145,7 @@ def test_chat_messages_run(tiny_models: dict[str, Path], tmp_path: Path) -> None
 
     from transformers import AutoTokenizer
 
-    from llmtune.tasks.instruction import DEFAULT_CHAT_TEMPLATE
+    from llmtune.tasks.chat import DEFAULT_CHAT_TEMPLATE
 
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "chat" / "final"))
     assert tok.chat_template == DEFAULT_CHAT_TEMPLATE  # the model is saved with the template it learnt
@@ -181,7 +181,7 @@ def test_plain_text_causal_lm_finetune(tiny_models: dict[str, Path], corpus: dic
         ({"data": {"max_length": 8}}, "data.max_length: every response in the train split is cut away"),
         (
             {"data": {"prompt_column": None, "response_column": None, "messages_column": "prompt"}},
-            "data.messages_column ('prompt'): row 0 of the train split is not a non-empty list",
+            "data.messages_column: column 'prompt' of the train split holds text values, not a list",
         ),
         ({"data": {"max_length": 4096}}, "data.max_length: 4096 is longer than the model's context (128)"),
         # GPT-2's LM head is its input embedding matrix: a frozen body leaves nothing to train.

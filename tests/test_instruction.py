@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,10 @@ from llmtune.batching import pad_collator
 from llmtune.errors import UserError
 from llmtune.recipe import build_recipe
 from llmtune.tasks import get_task
-from llmtune.tasks.instruction import DEFAULT_CHAT_TEMPLATE, InstructionTuning, left_align, until_eos
+from llmtune.data import load_raw
+from llmtune.tasks.chat import DEFAULT_CHAT_TEMPLATE
+from llmtune.tasks.generation import cut_at_eos, left_align
+from llmtune.tasks.instruction import InstructionTuning
 
 WORDS = ["<eos>", "<unk>", "Q", "A", "two", "plus", "four", "three", "five", "one"]
 CHAT = [
@@ -67,7 +71,11 @@ def tiny_gpt2(tokenizer: Any) -> Any:
 
 
 def make_task(
-    tokenizer: Any, tmp_path: Path, data: dict[str, Any], instruction: dict[str, Any] | None = None, **setup: Any
+    tokenizer: Any,
+    tmp_path: Path,
+    data: dict[str, Any],
+    instruction: dict[str, Any] | None = None,
+    labelled: bool = True,
 ) -> tuple[InstructionTuning, Any]:
     """The task the registry picks for a causal-lm recipe with these data keys, set up on a tiny GPT-2."""
     tree: dict[str, Any] = {
@@ -78,12 +86,10 @@ def make_task(
     if instruction is not None:
         tree["instruction"] = instruction
     recipe = build_recipe(tree, tmp_path)
-    task = get_task("causal-lm", recipe)
+    task = get_task(recipe, labelled)
     assert isinstance(task, InstructionTuning)
-    for key, value in setup.items():
-        setattr(task, key, value)
     model = tiny_gpt2(tokenizer)
-    task.setup(recipe.data, model, tokenizer)
+    task.setup(model, tokenizer)
     return task, model
 
 
@@ -95,15 +101,16 @@ def prepare(task: InstructionTuning, tokenizer: Any, train: dict[str, list[Any]]
 
     fingerprint = hashlib.sha256(repr((train, valid)).encode()).hexdigest()[:16]  # the cache key's data part
     raw = RawData({"train": Dataset.from_dict(train), "validation": Dataset.from_dict(valid)}, fingerprint)
-    return task.prepare(raw, tokenizer, task.data)
+    return task.prepare(raw, tokenizer)
 
 
+RECIPE_BASE = {"task": "causal-lm", "model": {"pretrained": "unused"}}
 PAIRS = {"data": {"prompt_column": "q", "response_column": "a"}, "instruction": {"template": "Q {prompt} A"}}
 
 
 def test_prompt_positions_are_masked_and_the_response_eos_counts(word_tokenizer: Any, tmp_path: Path) -> None:
     task, _ = make_task(word_tokenizer, tmp_path, **PAIRS)
-    rows = task.encode_rows({"q": ["two plus two", "one plus two"], "a": ["four", "three five"]}, [0, 1])
+    rows = task.encode({"q": ["two plus two", "one plus two"], "a": ["four", "three five"]}, [0, 1], "train")
     # Hand-checked against WORDS: Q=2 two=4 plus=5 A=3 | four=6 <eos>=0; one=9 three=7 five=8.
     assert rows["input_ids"] == [[2, 4, 5, 4, 3, 6, 0], [2, 9, 5, 4, 3, 7, 8, 0]]
     assert rows["labels"] == [[-100] * 5 + [6, 0], [-100] * 5 + [7, 8, 0]]
@@ -124,15 +131,21 @@ def test_template_columns_and_bad_templates(word_tokenizer: Any, tmp_path: Path)
         {"prompt_column": "q", "response_column": "a"},
         {"template": "Q {prompt} {extra} A"},
     )
-    assert task.required_columns(task.data) == {
-        "data.prompt_column": "q",
-        "data.response_column": "a",
-        "instruction.template {extra}": "extra",
-    }
-    rows = task.encode_rows({"q": ["two"], "a": ["four"], "extra": [None]}, [0])  # empty optional column
+    assert [(c.key, c.column) for c in task.required_columns()] == [
+        ("data.prompt_column", "q"),
+        ("data.response_column", "a"),
+        ("instruction.template {extra}", "extra"),
+    ]
+    rows = task.encode({"q": ["two"], "a": ["four"], "extra": [None]}, [0], "train")  # empty optional column
     assert rows["input_ids"] == [[2, 4, 3, 6, 0]]
-    task.labelled = False
-    assert "data.response_column" not in task.required_columns(task.data)
+    unlabelled, _ = make_task(
+        word_tokenizer,
+        tmp_path,
+        {"prompt_column": "q", "response_column": "a"},
+        {"template": "Q {prompt} {extra} A", "max_new_tokens": 4},
+        False,
+    )
+    assert "data.response_column" not in [c.key for c in unlabelled.required_columns()]
     for template, message in [
         ("no prompt here", "has no {prompt} field"),
         ("Q {prompt} {0}", "is not a column name"),
@@ -140,9 +153,11 @@ def test_template_columns_and_bad_templates(word_tokenizer: Any, tmp_path: Path)
     ]:
         with pytest.raises(UserError, match=message):
             make_task(word_tokenizer, tmp_path, {"prompt_column": "q", "response_column": "a"}, {"template": template})
-    with pytest.raises(UserError, match=r"data.response_column \('a'\): row 7 of the train split has no value"):
-        task.labelled = True
-        task.encode_rows({"q": ["two"], "a": [None], "extra": ["one"]}, [7])
+    rows = [{"q": "two", "a": "four", "extra": "one"}] * 7 + [{"q": "two", "a": None, "extra": "one"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = build_recipe({**RECIPE_BASE, "data": {"files": {"train": str(tmp_path / "rows.jsonl")}}}, tmp_path).data
+    with pytest.raises(UserError, match=r"data.response_column: column 'a' has no value in row 7 of the train split"):
+        load_raw(spec, splits=("train",), columns=task.required_columns())
 
 
 def test_truncation_that_removes_the_response_drops_the_example(word_tokenizer: Any, tmp_path: Path) -> None:
@@ -166,7 +181,7 @@ def test_truncation_that_removes_the_response_drops_the_example(word_tokenizer: 
 
 def counted_text(task: InstructionTuning, tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, str]:
     """(the whole rendered conversation, the text of the tokens the loss counts) after `encode_rows`."""
-    rows = task.encode_rows({"m": [messages]}, [0])
+    rows = task.encode({"m": [messages]}, [0], "train")
     ids, labels = rows["input_ids"][0], rows["labels"][0]
     return tokenizer.decode(ids), "".join(tokenizer.decode([t]) for t in labels if t != -100)
 
@@ -203,12 +218,12 @@ def test_chat_rows_without_assistant_turns_or_malformed(bpe_tokenizer: Any, tmp_
     assert prepared.stats["train_dropped"] == 2 and [int(i) for i in prepared.splits["train"]["index"]] == [0]
     for bad in ([], [{"role": "user"}], "two plus two"):
         with pytest.raises(UserError, match=r"data.messages_column \('m'\): row 3 of the train split"):
-            task.encode_rows({"m": [bad]}, [3])
+            task.encode({"m": [bad]}, [3], "train")
     # A template whose turns are not prefixes of the whole rendering cannot be masked by prefixes.
     odd = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}<end>{% endif %}{% endfor %}"
     task, _ = make_task(bpe_tokenizer, tmp_path, {"messages_column": "m"}, {"chat_template": odd})
     with pytest.raises(UserError, match="mark them with"):
-        task.encode_rows({"m": [CHAT]}, [0])
+        task.encode({"m": [CHAT]}, [0], "train")
     with pytest.raises(UserError, match=r"instruction\.chat_template: rendering a one-message conversation failed"):
         make_task(bpe_tokenizer, tmp_path, {"messages_column": "m"}, {"chat_template": "{% for m in messages %}"})
     strict = (
@@ -217,12 +232,12 @@ def test_chat_rows_without_assistant_turns_or_malformed(bpe_tokenizer: Any, tmp_
     )
     task, _ = make_task(bpe_tokenizer, tmp_path, {"messages_column": "m"}, {"chat_template": strict})
     with pytest.raises(UserError, match="rendering row 5 of the train split failed: system first"):
-        task.encode_rows({"m": [CHAT]}, [5])
+        task.encode({"m": [CHAT]}, [5], "train")
 
 
 def test_loss_is_normalised_by_the_whole_steps_token_count(word_tokenizer: Any, tmp_path: Path) -> None:
     task, model = make_task(word_tokenizer, tmp_path, **PAIRS)
-    rows = task.encode_rows(
+    rows = task.encode(
         {
             "q": ["two", "two plus two plus two", "one plus one", "five"],
             "a": ["four four four four four", "three", "two", "one plus four plus five"],
@@ -260,7 +275,7 @@ def test_loss_is_normalised_by_the_whole_steps_token_count(word_tokenizer: Any, 
 
 def test_eval_metrics_are_token_weighted(word_tokenizer: Any, tmp_path: Path) -> None:
     task, model = make_task(word_tokenizer, tmp_path, **PAIRS)
-    rows = task.encode_rows({"q": ["two", "one plus two"], "a": ["four four four", "five"]}, [0, 1])
+    rows = task.encode({"q": ["two", "one plus two"], "a": ["four four four", "five"]}, [0, 1], "train")
     batch = pad_collator(word_tokenizer.pad_token_id)([{k: v[i] for k, v in rows.items()} for i in range(2)])
     from llmtune.tasks.base import EvalOutputs
 
@@ -285,13 +300,13 @@ def test_left_padded_batched_generation_matches_one_row_at_a_time(bpe_tokenizer:
     left, left_mask = left_align(ids, mask, pad_id=0)
     assert left.tolist() == [[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]]
     assert left_mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
-    assert until_eos(torch.tensor([[4, 0, 4, 0], [4, 4, 4, 4]]), 0).tolist() == [[4, -100, -100, -100], [4, 4, 4, 4]]
+    assert cut_at_eos(torch.tensor([[4, 0, 4, 0], [4, 4, 4, 4]]), [0]).tolist() == [[4, -100, -100, -100], [4, 4, 4, 4]]
 
-    task, model = make_task(bpe_tokenizer, tmp_path, **PAIRS)
-    task.labelled = False
-    task.spec.max_new_tokens = 6
+    task, model = make_task(
+        bpe_tokenizer, tmp_path, PAIRS["data"], {**PAIRS["instruction"], "max_new_tokens": 6}, False
+    )
     prompts = ["two", "The small parser returns a sorted list", "one plus"]
-    rows = task.encode_rows({"q": prompts}, [0, 1, 2])
+    rows = task.encode({"q": prompts}, [0, 1, 2], "train")
     assert "labels" not in rows
     batch = pad_collator(bpe_tokenizer.pad_token_id)([{k: v[i] for k, v in rows.items()} for i in range(3)])
     with torch.no_grad():
@@ -300,7 +315,7 @@ def test_left_padded_batched_generation_matches_one_row_at_a_time(bpe_tokenizer:
             alone = model.generate(
                 input_ids=torch.tensor([row]), max_new_tokens=6, do_sample=False, pad_token_id=task.pad_id
             )[0, len(row) :]
-            want = until_eos(alone[None], task.eos_id)[0].tolist()
+            want = cut_at_eos(alone[None], [task.eos_id])[0].tolist()
             assert batched[i, : len(want)].tolist() == want
     from datasets import Dataset
 
@@ -317,14 +332,12 @@ def test_left_padded_batched_generation_matches_one_row_at_a_time(bpe_tokenizer:
 
 
 def test_prediction_prompts_keep_their_end_and_leave_room(word_tokenizer: Any, tmp_path: Path) -> None:
-    task, _ = make_task(word_tokenizer, tmp_path, {**PAIRS["data"], "max_length": 8}, PAIRS["instruction"])
-    task.labelled = False
-    task.spec.max_new_tokens = 3
-    rows = task.encode_rows({"q": ["one two two two two two"]}, [0])
+    data = {**PAIRS["data"], "max_length": 8}
+    task, _ = make_task(word_tokenizer, tmp_path, data, {**PAIRS["instruction"], "max_new_tokens": 3}, False)
+    rows = task.encode({"q": ["one two two two two two"]}, [0], "train")
     assert rows["input_ids"] == [[4, 4, 4, 4, 3]]  # the last 8 - 3 tokens: the template's end survives
-    task.spec.max_new_tokens = 8
     with pytest.raises(UserError, match=r"instruction\.max_new_tokens: 8 leaves no room"):
-        task.setup(task.data, tiny_gpt2(word_tokenizer), word_tokenizer)
+        make_task(word_tokenizer, tmp_path, data, {**PAIRS["instruction"], "max_new_tokens": 8}, False)
     chat, _ = make_task(word_tokenizer, tmp_path, {"messages_column": "m"}, {"max_new_tokens": 4}, labelled=False)
     # a final assistant turn is left out: it is what gets predicted
-    assert chat.encode_rows({"m": [CHAT]}, [0]) == chat.encode_rows({"m": [CHAT[:3]]}, [0])
+    assert chat.encode({"m": [CHAT]}, [0], "train") == chat.encode({"m": [CHAT[:3]]}, [0], "train")

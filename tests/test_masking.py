@@ -13,11 +13,11 @@ import torch
 
 from llmtune.data import RawData
 from llmtune.errors import UserError
-from llmtune.recipe import DataSpec, MaskingSpec, build_recipe
+from llmtune.recipe import MaskingSpec, build_recipe
 from llmtune.tasks.base import EvalOutputs
 from llmtune.tasks.masked_lm import IGNORE, MaskedLM, continuation_table
 from llmtune.tokenizer_training import train_byte_level_bpe, train_wordpiece
-from tests.conftest import _ADJ, _NOUNS, _VERBS, synthetic_documents
+from tests.conftest import _ADJ, _NOUNS, _VERBS, make_task, synthetic_documents
 
 BLOCK = 64
 
@@ -48,14 +48,14 @@ def bert(tok: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def data_spec(tmp_path_factory: pytest.TempPathFactory) -> DataSpec:
+def data_spec(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     # An explicit cache dir: module fixtures run before the autouse LLMTUNE_CACHE fixture.
     cache = tmp_path_factory.mktemp("mlm-cache")
-    return DataSpec(files={"train": "x.txt"}, block_size=BLOCK, cache_dir=str(cache))
+    return {"block_size": BLOCK, "cache_dir": str(cache)}
 
 
 @pytest.fixture(scope="module")
-def prepared(tok: Any, data_spec: DataSpec) -> Any:
+def prepared(tok: Any, data_spec: dict[str, Any]) -> Any:
     from datasets import Dataset
 
     raw = RawData(
@@ -65,12 +65,17 @@ def prepared(tok: Any, data_spec: DataSpec) -> Any:
         },
         fingerprint="test-masking",
     )
-    return MaskedLM().prepare(raw, tok, data_spec)
+    return masked_lm(data_spec).prepare(raw, tok)
 
 
-def make_task(tok: Any, bert: Any, data_spec: DataSpec, **spec: Any) -> MaskedLM:
-    task = MaskedLM(MaskingSpec(**spec))
-    task.setup(data_spec, bert, tok)
+def masked_lm(data: dict[str, Any], **masking: Any) -> MaskedLM:
+    """A masked-lm task with these data and masking settings."""
+    return make_task("masked-lm", data=data, masking=masking)
+
+
+def mlm_task(tok: Any, bert: Any, data_spec: dict[str, Any], **spec: Any) -> MaskedLM:
+    task = masked_lm(data_spec, **spec)
+    task.setup(bert, tok)
     return task
 
 
@@ -94,8 +99,8 @@ def padded_batch(tok: Any, texts: list[str]) -> dict[str, torch.Tensor]:
 # --- BERT statistics ---------------------------------------------------------------------------------
 
 
-def test_masking_statistics_match_bert(tok: Any, bert: Any, data_spec: DataSpec, train_batch: Any) -> None:
-    task = make_task(tok, bert, data_spec)
+def test_masking_statistics_match_bert(tok: Any, bert: Any, data_spec: dict[str, Any], train_batch: Any) -> None:
+    task = mlm_task(tok, bert, data_spec)
     ids = train_batch["input_ids"]
     maskable = ~special_mask(tok, ids) & (train_batch["attention_mask"] == 1)
     mask_id, vocab = tok.mask_token_id, len(tok)
@@ -124,7 +129,7 @@ def test_masking_statistics_match_bert(tok: Any, bert: Any, data_spec: DataSpec,
     assert abs(n_same / n_chosen - (0.1 + 0.1 / vocab)) < 0.02
 
 
-def test_special_tokens_and_padding_never_chosen(tok: Any, bert: Any, data_spec: DataSpec) -> None:
+def test_special_tokens_and_padding_never_chosen(tok: Any, bert: Any, data_spec: dict[str, Any]) -> None:
     rng = random.Random(0)
     texts = [
         " ".join(rng.choice(_NOUNS + _VERBS + _ADJ) for _ in range(rng.randint(1, 40))) + " [MASK] [UNK]"
@@ -141,7 +146,7 @@ def test_special_tokens_and_padding_never_chosen(tok: Any, bert: Any, data_spec:
     assert (ids == tok.cls_token_id).sum() == len(texts) and (ids == tok.sep_token_id).sum() == len(texts)
     assert (ids == tok.mask_token_id).any() and (ids == tok.unk_token_id).any()
     maskable = ~special & (attention == 1)
-    task = make_task(tok, bert, data_spec, mlm_probability=0.99)
+    task = mlm_task(tok, bert, data_spec, mlm_probability=0.99)
     chosen_total = 0
     for seed in range(50):
         out = task.draw({"input_ids": ids, "attention_mask": attention}, seed)
@@ -208,8 +213,10 @@ def test_multi_piece_words_exist(tok: Any, multi_piece_batch: Any) -> None:
     assert all(continues[i] == t.startswith("##") for t, i in vocab.items())
 
 
-def test_whole_word_masking_keeps_words_whole(tok: Any, bert: Any, data_spec: DataSpec, multi_piece_batch: Any) -> None:
-    task = make_task(tok, bert, data_spec, whole_word_masking=True)
+def test_whole_word_masking_keeps_words_whole(
+    tok: Any, bert: Any, data_spec: dict[str, Any], multi_piece_batch: Any
+) -> None:
+    task = mlm_task(tok, bert, data_spec, whole_word_masking=True)
     words = words_of(multi_piece_batch["input_ids"], continuation_table(tok))
     chosen_words = 0
     for seed in range(40):
@@ -222,10 +229,10 @@ def test_whole_word_masking_keeps_words_whole(tok: Any, bert: Any, data_spec: Da
 
 
 def test_without_whole_word_masking_words_are_split(
-    tok: Any, bert: Any, data_spec: DataSpec, multi_piece_batch: Any
+    tok: Any, bert: Any, data_spec: dict[str, Any], multi_piece_batch: Any
 ) -> None:
     """The same check on token-level masking fails: the whole-word test discriminates."""
-    task = make_task(tok, bert, data_spec, whole_word_masking=False)
+    task = mlm_task(tok, bert, data_spec, whole_word_masking=False)
     words = words_of(multi_piece_batch["input_ids"], continuation_table(tok))
     broken = sum(split_words(words, task.draw(multi_piece_batch, seed)["labels"] != IGNORE) for seed in range(40))
     assert broken > 100
@@ -235,49 +242,49 @@ def test_without_whole_word_masking_words_are_split(
 
 
 def test_same_seed_same_masks_other_seed_other_masks(
-    tok: Any, bert: Any, data_spec: DataSpec, train_batch: Any
+    tok: Any, bert: Any, data_spec: dict[str, Any], train_batch: Any
 ) -> None:
-    task = make_task(tok, bert, data_spec)
+    task = mlm_task(tok, bert, data_spec)
     a, b, c = task.draw(train_batch, 7), task.draw(train_batch, 7), task.draw(train_batch, 8)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
     assert not torch.equal(a["labels"], c["labels"])
     # A fresh task object with the same settings draws the same masks for the same seed.
-    again = make_task(tok, bert, data_spec).draw(train_batch, 7)
+    again = mlm_task(tok, bert, data_spec).draw(train_batch, 7)
     assert torch.equal(a["input_ids"], again["input_ids"]) and torch.equal(a["labels"], again["labels"])
     # The input batch is not modified in place.
     assert not (train_batch["input_ids"] == tok.mask_token_id).any()
 
 
-def test_higher_probability_chooses_more(tok: Any, bert: Any, data_spec: DataSpec, train_batch: Any) -> None:
+def test_higher_probability_chooses_more(tok: Any, bert: Any, data_spec: dict[str, Any], train_batch: Any) -> None:
     def share(task: MaskedLM) -> float:
         return float(np.mean([(task.draw(train_batch, s)["labels"] != IGNORE).sum().item() for s in range(20)]))
 
-    base = share(make_task(tok, bert, data_spec))
-    double = share(make_task(tok, bert, data_spec, mlm_probability=0.3))
+    base = share(mlm_task(tok, bert, data_spec))
+    double = share(mlm_task(tok, bert, data_spec, mlm_probability=0.3))
     assert 1.8 < double / base < 2.2
 
 
 # --- setup refusals ----------------------------------------------------------------------------------
 
 
-def test_setup_refuses_tokenizer_without_mask_token(bert: Any, data_spec: DataSpec) -> None:
+def test_setup_refuses_tokenizer_without_mask_token(bert: Any, data_spec: dict[str, Any]) -> None:
     bpe = train_byte_level_bpe(synthetic_documents(50), vocab_size=300)
     assert bpe.mask_token_id is None
     with pytest.raises(UserError, match="mask"):
-        MaskedLM().setup(data_spec, bert, bpe)
+        masked_lm(data_spec).setup(bert, bpe)
 
 
-def test_setup_refuses_block_longer_than_positions(tok: Any, bert: Any, data_spec: DataSpec) -> None:
+def test_setup_refuses_block_longer_than_positions(tok: Any, bert: Any, data_spec: dict[str, Any]) -> None:
     assert bert.config.max_position_embeddings == BLOCK
-    MaskedLM().setup(data_spec.model_copy(update={"block_size": BLOCK}), bert, tok)  # the limit itself is fine
+    masked_lm({**data_spec, "block_size": BLOCK}).setup(bert, tok)  # the limit itself is fine
     with pytest.raises(UserError, match="block_size"):
-        MaskedLM().setup(data_spec.model_copy(update={"block_size": BLOCK + 1}), bert, tok)
+        masked_lm({**data_spec, "block_size": BLOCK + 1}).setup(bert, tok)
 
 
 # --- evaluation --------------------------------------------------------------------------------------
 
 
-def test_eval_masks_are_per_example(tok: Any, bert: Any, data_spec: DataSpec, prepared: Any) -> None:
+def test_eval_masks_are_per_example(tok: Any, bert: Any, data_spec: dict[str, Any], prepared: Any) -> None:
     val = prepared.splits["validation"]
     assert len(val) >= 4
     last = len(val) - 1
@@ -285,7 +292,7 @@ def test_eval_masks_are_per_example(tok: Any, bert: Any, data_spec: DataSpec, pr
     picks = [0, 1, 2, last]
     rows = val[picks]
     batch = {k: rows[k] for k in ("input_ids", "attention_mask", "example_id")}
-    task = make_task(tok, bert, data_spec)
+    task = mlm_task(tok, bert, data_spec)
     with torch.no_grad():
         together = task.eval_batch(bert, batch)
         alone = [task.eval_batch(bert, {k: v[i : i + 1] for k, v in batch.items()}) for i in range(len(picks))]

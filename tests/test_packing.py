@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from llmtune.data import RawData
-from llmtune.recipe import DataSpec
 from llmtune.tasks.causal_lm import IGNORE, CausalLM, pack_blocks, sliding_windows
+from tests.conftest import make_task
 
 DOCS = [
     "The small parser returns a sorted list.",
@@ -41,8 +41,9 @@ def raw_data(train: list[str] = DOCS, valid: list[str] = VALID, fingerprint: str
     )
 
 
-def spec(cache: Path, block_size: int, eval_stride: int | None = None) -> DataSpec:
-    return DataSpec(files={"train": "unused.txt"}, block_size=block_size, eval_stride=eval_stride, cache_dir=str(cache))
+def lm(cache: Path, block_size: int, eval_stride: int | None = None) -> CausalLM:
+    """A causal-lm task with these data settings."""
+    return make_task("causal-lm", data={"block_size": block_size, "eval_stride": eval_stride, "cache_dir": str(cache)})
 
 
 def expected_stream(tokenizer: Any, docs: list[str]) -> list[int]:
@@ -139,7 +140,7 @@ def test_partial_last_overlapping_window_is_padded() -> None:
 
 
 def test_prepare_train_blocks_are_the_exact_stream_prefix(tokenizer: Any, tmp_path: Path) -> None:
-    prepared = CausalLM().prepare(raw_data(), tokenizer, spec(tmp_path, block_size=8))
+    prepared = lm(tmp_path, block_size=8).prepare(raw_data(), tokenizer)
     stream = expected_stream(tokenizer, DOCS)
     blocks = column(prepared.splits["train"], "input_ids")
     assert blocks.ndim == 2
@@ -154,7 +155,7 @@ def test_prepare_train_blocks_are_the_exact_stream_prefix(tokenizer: Any, tmp_pa
 
 def test_prepare_puts_eos_after_every_document_and_skips_empty_ones(tokenizer: Any, tmp_path: Path) -> None:
     eos = tokenizer.eos_token_id
-    prepared = CausalLM().prepare(raw_data(), tokenizer, spec(tmp_path, block_size=4))
+    prepared = lm(tmp_path, block_size=4).prepare(raw_data(), tokenizer)
     flat = column(prepared.splits["train"], "input_ids").reshape(-1).tolist()
     stream = expected_stream(tokenizer, DOCS)
     non_empty = [d for d in DOCS if d]
@@ -170,7 +171,7 @@ def test_prepare_puts_eos_after_every_document_and_skips_empty_ones(tokenizer: A
 
 
 def test_prepare_validation_windows_cover_the_validation_stream(tokenizer: Any, tmp_path: Path) -> None:
-    prepared = CausalLM().prepare(raw_data(), tokenizer, spec(tmp_path, block_size=8, eval_stride=3))
+    prepared = lm(tmp_path, block_size=8, eval_stride=3).prepare(raw_data(), tokenizer)
     stream = expected_stream(tokenizer, VALID)
     valid = prepared.splits["validation"]
     ids, labels, mask = (column(valid, c).numpy() for c in ("input_ids", "labels", "attention_mask"))
@@ -185,7 +186,7 @@ def test_prepare_validation_windows_cover_the_validation_stream(tokenizer: Any, 
 def test_prepare_outputs_torch_tensors(tokenizer: Any, tmp_path: Path) -> None:
     import torch
 
-    prepared = CausalLM().prepare(raw_data(), tokenizer, spec(tmp_path, block_size=8))
+    prepared = lm(tmp_path, block_size=8).prepare(raw_data(), tokenizer)
     assert isinstance(prepared.splits["train"][0]["input_ids"], torch.Tensor)
     assert prepared.splits["train"][0]["input_ids"].dtype == torch.int64
     assert isinstance(prepared.splits["validation"][0]["labels"], torch.Tensor)
@@ -195,7 +196,7 @@ def test_prepare_refuses_a_train_split_shorter_than_a_block(tokenizer: Any, tmp_
     from llmtune.errors import UserError
 
     with pytest.raises(UserError, match=r"one block.*data\.block_size"):
-        CausalLM().prepare(raw_data(train=["Short."]), tokenizer, spec(tmp_path, block_size=64))
+        lm(tmp_path, block_size=64).prepare(raw_data(train=["Short."]), tokenizer)
 
 
 # --- the cache ----------------------------------------------------------------------------------
@@ -209,10 +210,9 @@ def _columns(prepared: Any) -> dict[str, dict[str, list[Any]]]:
 
 
 def test_second_prepare_hits_the_cache_with_identical_data(tokenizer: Any, tmp_path: Path) -> None:
-    task = CausalLM()
-    first = task.prepare(raw_data(), tokenizer, spec(tmp_path, block_size=8, eval_stride=4))
+    first = lm(tmp_path, block_size=8, eval_stride=4).prepare(raw_data(), tokenizer)
     assert first.stats["cache"].startswith("miss")
-    second = task.prepare(raw_data(), tokenizer, spec(tmp_path, block_size=8, eval_stride=4))
+    second = lm(tmp_path, block_size=8, eval_stride=4).prepare(raw_data(), tokenizer)
     assert second.stats["cache"].startswith("hit")
     assert _columns(second) == _columns(first)
     stats = {k: v for k, v in first.stats.items() if k not in ("cache", "prepare_seconds")}
@@ -228,13 +228,10 @@ def test_second_prepare_hits_the_cache_with_identical_data(tokenizer: Any, tmp_p
     ],
 )
 def test_changed_inputs_miss_the_cache(tokenizer: Any, tmp_path: Path, change: dict[str, Any]) -> None:
-    task = CausalLM()
-    assert task.prepare(raw_data(), tokenizer, spec(tmp_path, 8)).stats["cache"].startswith("miss")
+    assert lm(tmp_path, 8).prepare(raw_data(), tokenizer).stats["cache"].startswith("miss")
     block = change.get("block_size", 8)
-    again = task.prepare(
-        raw_data(fingerprint=change.get("fingerprint", "x")),
-        tokenizer,
-        spec(tmp_path, block, change.get("eval_stride")),
+    again = lm(tmp_path, block, change.get("eval_stride")).prepare(
+        raw_data(fingerprint=change.get("fingerprint", "x")), tokenizer
     )
     assert again.stats["cache"].startswith("miss")
     assert column(again.splits["train"], "input_ids").shape[1] == block
@@ -244,9 +241,8 @@ def test_a_different_tokenizer_misses_the_cache(tokenizer: Any, tmp_path: Path) 
     from llmtune.tokenizer_training import train_byte_level_bpe
 
     other = train_byte_level_bpe(VALID * 3, vocab_size=300, min_frequency=1)
-    task = CausalLM()
-    assert task.prepare(raw_data(), tokenizer, spec(tmp_path, 8)).stats["cache"].startswith("miss")
-    again = task.prepare(raw_data(), other, spec(tmp_path, 8))
+    assert lm(tmp_path, 8).prepare(raw_data(), tokenizer).stats["cache"].startswith("miss")
+    again = lm(tmp_path, 8).prepare(raw_data(), other)
     assert again.stats["cache"].startswith("miss")
     assert (
         column(again.splits["train"], "input_ids").reshape(-1).tolist()

@@ -16,6 +16,7 @@ from llmtune.metrics import normalize_answer, squad_metrics
 from llmtune.recipe import Recipe
 from llmtune.tasks.base import EvalOutputs
 from llmtune.tasks.qa_postprocess import NOT_CONTEXT, WindowCandidates, best_answer
+from llmtune.tasks import get_task
 from llmtune.tasks.question_answering import QuestionAnswering, label_window
 
 X = NOT_CONTEXT
@@ -160,17 +161,17 @@ def qa_task(tmp_path: Path, max_length: int = 16, doc_stride: int = 4, **options
             "question_answering": {"doc_stride": doc_stride, **options},
         }
     )
-    return QuestionAnswering(recipe)
+    return get_task(recipe)
 
 
 def prepared(task: QuestionAnswering, tokenizer: Any, rows: dict[str, list[Any]]) -> Any:
     from datasets import Dataset
 
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
-    task.setup(task.data, model, tokenizer)
+    task.setup(model, tokenizer)
     ds = Dataset.from_dict(rows)
     raw = RawData({"train": ds, "validation": ds}, fingerprint=str(sorted(rows.items())))
-    return task.prepare(raw, tokenizer, task.data)
+    return task.prepare(raw, tokenizer)
 
 
 def column(ds: Any, name: str) -> list[Any]:
@@ -246,10 +247,10 @@ def test_slow_tokenizer_and_oversized_stride_are_refused(tmp_path: Path, tokeniz
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
     task = qa_task(tmp_path)
     with pytest.raises(UserError, match="fast"):
-        task.setup(task.data, model, BertTokenizerLegacy(str(vocab_file)))
+        task.setup(model, BertTokenizerLegacy(str(vocab_file)))
     wide = qa_task(tmp_path, max_length=16, doc_stride=16)
     with pytest.raises(UserError, match="doc_stride"):
-        wide.setup(wide.data, model, tokenizer)
+        wide.setup(model, tokenizer)
 
 
 # --- eval_batch and metrics through a stub model ------------------------------------------------------
@@ -297,7 +298,6 @@ def test_eval_batch_keeps_n_best_context_candidates_and_metrics_give_the_span(tm
     assert metrics["eval/exact_match"] == pytest.approx(50.0)
     assert metrics["eval/f1"] == pytest.approx(100 * (2 / 3 + 1) / 2)
     assert metrics["eval/loss"] == pytest.approx(float(values["loss"].mean()))
-    task.labelled = False
     assert [p["answer"] for p in task.predictions(outputs)] == ["cat sat", "the cat"]
     assert task.predictions(outputs)[1]["id"] == "b" and task.predictions(outputs)[1]["question"] == "what sat on"
 

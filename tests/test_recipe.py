@@ -358,7 +358,7 @@ def test_missing_file_is_user_error(tmp_path: Path) -> None:
 
 
 def test_directory_is_not_a_recipe(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="is a directory; pass the path of a .yaml recipe"):
         load_recipe(tmp_path)
 
 
@@ -372,7 +372,7 @@ def test_invalid_yaml_is_user_error_with_line(tmp_path: Path) -> None:
 def test_binary_file_is_user_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_bytes(b"\xff\xfe\x00\x81 task")
-    with pytest.raises(UserError, match="not valid YAML"):
+    with pytest.raises(UserError, match="not UTF-8 text; save the recipe as UTF-8"):
         load_recipe(path)
 
 
@@ -483,7 +483,7 @@ def test_instruction_tuning_needs_prompt_and_response_columns() -> None:
     assert "'instruction' needs data.prompt_column" in build_error(tree)
     tree = base_tree(data={"files": {"train": "a.jsonl"}, "prompt_column": "q", "response_column": "a"})
     recipe = build_recipe(tree, Path("/nonexistent"))
-    assert recipe.data.instruction and recipe.instruction is not None
+    assert recipe.entry.name == "instruction-tuning" and recipe.instruction is not None
 
 
 def test_unknown_strategy_and_bad_lr_decay_name_the_key() -> None:

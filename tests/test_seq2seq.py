@@ -16,6 +16,7 @@ from llmtune.metrics import generation_metrics
 from llmtune.recipe import Recipe
 from llmtune.tasks import get_task
 from llmtune.tasks.base import EvalOutputs
+from llmtune.tasks.generation import cut_at_eos, eos_ids
 from llmtune.tasks.seq2seq import Seq2Seq, field_values
 
 PAIRS = [
@@ -26,18 +27,18 @@ PAIRS = [
 ]
 
 
-def make_task(tmp_path: Path, model_dir: Path, **seq2seq: Any) -> Seq2Seq:
+def make_task(tmp_path: Path, model_dir: Path, labelled: bool = True, data: Any = None, **seq2seq: Any) -> Seq2Seq:
     """A seq2seq task on a tiny model, its recipe built like any other."""
     recipe = Recipe.model_validate(
         {
             "task": "seq2seq",
             "model": {"pretrained": str(model_dir)},
-            "data": {"files": {"train": "x.jsonl"}, "max_length": seq2seq.pop("max_length", None)},
+            "data": {"files": {"train": "x.jsonl"}, "max_length": seq2seq.pop("max_length", None), **(data or {})},
             "seq2seq": seq2seq,
             "output_dir": str(tmp_path / "run"),
         }
     )
-    task = get_task("seq2seq", recipe)
+    task = get_task(recipe, labelled)
     assert isinstance(task, Seq2Seq)
     return task
 
@@ -61,8 +62,8 @@ def raw_pairs(pairs: list[tuple[str, str]] = PAIRS) -> RawData:
 def prepared_task(tmp_path: Path, tiny_models: dict[str, Path], t5: tuple[Any, Any], **options: Any) -> Any:
     model, tokenizer = t5
     task = make_task(tmp_path, tiny_models["t5"], **options)
-    task.setup(task.data, model, tokenizer)
-    return task, task.prepare(raw_pairs(), tokenizer, task.data)
+    task.setup(model, tokenizer)
+    return task, task.prepare(raw_pairs(), tokenizer)
 
 
 def test_tokenisation_applies_prefix_and_truncates(
@@ -123,17 +124,18 @@ def test_dotted_columns_read_dict_fields(tmp_path: Path, tiny_models: dict[str, 
         field_values(["x", None], "target", "data.target_column", "validation")
 
     model, tokenizer = t5
-    task = make_task(tmp_path, tiny_models["t5"])
-    task.data.source_column, task.data.target_column = "translation.en", "translation.de"
-    task.setup(task.data, model, tokenizer)
+    dotted = {"source_column": "translation.en", "target_column": "translation.de"}
+    task = make_task(tmp_path, tiny_models["t5"], data=dotted)
+    task.setup(model, tokenizer)
     ds = Dataset.from_list([{"translation": r} for r in rows])
-    prepared = task.prepare(RawData({"train": ds, "validation": ds}, "dotted"), tokenizer, task.data)
+    prepared = task.prepare(RawData({"train": ds, "validation": ds}, "dotted"), tokenizer)
     assert prepared.splits["train"][1]["labels"].tolist() == tokenizer(text_target="die klasse")["input_ids"]
     assert prepared.splits["train"][0]["input_ids"].tolist() == tokenizer("a list")["input_ids"]
 
-    task.data.target_column = "translation.ro"
+    task = make_task(tmp_path, tiny_models["t5"], data={**dotted, "target_column": "translation.ro"})
+    task.setup(model, tokenizer)
     with pytest.raises(UserError, match=r"data.target_column: 'translation' in the train split .* no field 'ro'"):
-        task.prepare(RawData({"train": ds, "validation": ds}, "dotted-ro"), tokenizer, task.data)
+        task.prepare(RawData({"train": ds, "validation": ds}, "dotted-ro"), tokenizer)
 
 
 def test_loss_over_unequal_micro_batches_is_the_full_batch_mean(
@@ -189,14 +191,13 @@ def test_generation_metrics_match_hand_values_and_the_libraries() -> None:
     )
 
 
+def reported(task: Seq2Seq) -> tuple[str, ...]:
+    return tuple(m.name for m in task.recipe.reported_metrics())
+
+
 def test_metric_names_follow_the_recipe(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
-    assert make_task(tmp_path, tiny_models["t5"]).metric_names == (
-        "eval/loss",
-        "eval/gen_len",
-        "eval/bleu",
-        "eval/chrf",
-    )
-    names = make_task(tmp_path, tiny_models["t5"], metrics=["rouge"]).metric_names
+    assert reported(make_task(tmp_path, tiny_models["t5"])) == ("eval/loss", "eval/gen_len", "eval/bleu", "eval/chrf")
+    names = reported(make_task(tmp_path, tiny_models["t5"], metrics=["rouge"]))
     assert names == ("eval/loss", "eval/gen_len", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/rougeLsum")
 
 
@@ -223,7 +224,7 @@ def test_metrics_score_decoded_generations_against_raw_targets_by_index(
     assert metrics["eval/rouge1"] == pytest.approx(100.0)
     assert metrics["eval/loss"] == pytest.approx(8.0 / 16.0)  # token-weighted, not the mean of means
     assert metrics["eval/gen_len"] == pytest.approx(sum(len(r) for r in ids) / 4)
-    assert set(metrics) == set(task.metric_names)
+    assert set(metrics) == set(reported(task))
 
     predictions = task.predictions(outputs)
     assert [p["index"] for p in predictions] == [0, 1, 2, 3]
@@ -243,17 +244,15 @@ def test_eval_batch_generates_within_the_budget(
     assert values["tokens"].tolist() == (batch["labels"] != -100).sum(dim=1).float().tolist()
     assert values["index"].tolist() == [0, 1, 2, 3]
     assert (values["generated"] != tokenizer.pad_token_id).all()  # pads are -100, the start token is dropped
-    for row in values["generated"].tolist():  # nothing but -100 after the first EOS
-        if tokenizer.eos_token_id in row:
-            assert set(row[row.index(tokenizer.eos_token_id) + 1 :]) <= {-100}
+    assert (values["generated"] != tokenizer.eos_token_id).all()  # the text ends before the first EOS
 
 
 def test_generations_are_cut_after_the_first_eos_and_padding(t5: tuple[Any, Any]) -> None:
     model, tokenizer = t5
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     generated = torch.tensor([[5, eos, eos, eos], [5, 6, pad, pad], [5, 6, 7, 8], [eos, 9, eos, pad]])
-    want = [[5, eos, -100, -100], [5, 6, -100, -100], [5, 6, 7, 8], [eos, -100, -100, -100]]
-    assert Seq2Seq._trim(model, generated).tolist() == want
+    want = [[5, -100, -100, -100], [5, 6, -100, -100], [5, 6, 7, 8], [-100, -100, -100, -100]]
+    assert cut_at_eos(generated, eos_ids(model), pad).tolist() == want  # the text ends before the first EOS
 
 
 def test_refuses_a_model_that_is_not_an_encoder_decoder(
@@ -268,7 +267,7 @@ def test_refuses_a_model_that_is_not_an_encoder_decoder(
     tokenizer.pad_token = tokenizer.eos_token
     task = make_task(tmp_path, tiny_models["gpt2"])
     with pytest.raises(UserError, match="'gpt2' model is not an encoder-decoder"):
-        task.setup(task.data, gpt2, tokenizer)
+        task.setup(gpt2, tokenizer)
     # before any weights load, transformers' own model mapping refuses them for AutoModelForSeq2SeqLM
     for family in ("bert", "gpt2"):
         config = AutoConfig.from_pretrained(str(tiny_models[family]))
@@ -279,24 +278,26 @@ def test_refuses_a_model_that_is_not_an_encoder_decoder(
 
 def test_required_columns_and_mismatched_parallel_files(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     task = make_task(tmp_path, tiny_models["t5"])
-    assert task.required_columns(task.data) == {"data.source_column": "source", "data.target_column": "target"}
-    task.labelled = False
-    assert task.required_columns(task.data) == {"data.source_column": "source"}
+    assert [(c.key, c.column) for c in task.required_columns()] == [
+        ("data.source_column", "source"),
+        ("data.target_column", "target"),
+    ]
+    unlabelled = make_task(tmp_path, tiny_models["t5"], labelled=False)
+    assert [(c.key, c.column) for c in unlabelled.required_columns()] == [("data.source_column", "source")]
 
     src, tgt = tmp_path / "train.en", tmp_path / "train.de"
     src.write_text("a\nb\nc\n", encoding="utf-8")
     tgt.write_text("x\ny\n", encoding="utf-8")
     spec = task.data.model_copy(update={"files": {"train": [str(src), str(tgt)]}, "format": "parallel"})
     with pytest.raises(UserError, match=r"has 3 lines but .* has 2; parallel files must be line-aligned"):
-        load_raw(spec, columns=task.required_columns(spec))
+        load_raw(spec, columns=task.required_columns())
     tgt.write_text("x\ny\nz\n", encoding="utf-8")
-    raw = load_raw(spec, splits=("train",), columns={"data.source_column": "source", "data.target_column": "target"})
+    raw = load_raw(spec, splits=("train",), columns=task.required_columns())
     assert raw.splits["train"]["target"] == ["x", "y", "z"]
     rows = tmp_path / "train.jsonl"
     rows.write_text('{"source": "a", "summary": "b"}\n', encoding="utf-8")
     spec = task.data.model_copy(update={"files": {"train": str(rows)}})
-    task.labelled = True
     with pytest.raises(
         UserError, match=r"data.target_column: column 'target' not in the train split; columns found: source, summary"
     ):
-        load_raw(spec, splits=("train",), columns=task.required_columns(spec))
+        load_raw(spec, splits=("train",), columns=task.required_columns())

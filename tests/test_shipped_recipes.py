@@ -39,9 +39,7 @@ def test_there_are_embedded_defaults_for_every_objective() -> None:
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_expects_metrics_its_task_reports(path: Path) -> None:
-    from llmtune.tasks import get_task
-
-    recipe = load_recipe(path)
-    names = set(get_task(recipe.task, recipe).metric_names)
-    assert set(recipe.expect) <= names, sorted(set(recipe.expect) - names)
-    assert recipe.train.best_metric in names
+    recipe = load_recipe(path)  # the schema refuses metrics the task does not report; check it did its job
+    declared = recipe.entry.reported(recipe)
+    for name in [*recipe.expect, recipe.train.best_metric]:
+        assert any(metric.matches(name) for metric in declared), name

@@ -11,7 +11,6 @@ import torch
 
 from llmtune.data import RawData
 from llmtune.errors import UserError
-from llmtune.recipe import DataSpec, SpanCorruptionSpec
 from llmtune.tasks.base import EvalOutputs
 from llmtune.tasks.span_corruption import (
     SpanCorruption,
@@ -20,7 +19,7 @@ from llmtune.tasks.span_corruption import (
     random_spans_noise_mask,
 )
 from llmtune.tokenizer_training import sentinel_name, train_byte_level_bpe, train_unigram, train_wordpiece
-from tests.conftest import synthetic_documents
+from tests.conftest import make_task, synthetic_documents
 
 BLOCK = 64
 EOS = 1
@@ -197,20 +196,25 @@ def t5(tok: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def data_spec(tmp_path_factory: pytest.TempPathFactory) -> DataSpec:
+def data_spec(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     # An explicit cache dir: module fixtures run before the autouse LLMTUNE_CACHE fixture.
-    return DataSpec(files={"train": "x.txt"}, block_size=BLOCK, cache_dir=str(tmp_path_factory.mktemp("t5-cache")))
+    return {"block_size": BLOCK, "cache_dir": str(tmp_path_factory.mktemp("t5-cache"))}
+
+
+def span_task(data: dict[str, Any], **span_corruption: Any) -> SpanCorruption:
+    """A span-corruption task with these data and noise settings."""
+    return make_task("span-corruption", data=data, span_corruption=span_corruption)
 
 
 @pytest.fixture(scope="module")
-def task(tok: Any, t5: Any, data_spec: DataSpec) -> SpanCorruption:
-    task = SpanCorruption(SpanCorruptionSpec())
-    task.setup(data_spec, t5, tok)
+def task(tok: Any, t5: Any, data_spec: dict[str, Any]) -> SpanCorruption:
+    task = span_task(data_spec)
+    task.setup(t5, tok)
     return task
 
 
 @pytest.fixture(scope="module")
-def prepared(task: SpanCorruption, tok: Any, data_spec: DataSpec) -> Any:
+def prepared(task: SpanCorruption, tok: Any, data_spec: dict[str, Any]) -> Any:
     from datasets import Dataset
 
     raw = RawData(
@@ -220,7 +224,7 @@ def prepared(task: SpanCorruption, tok: Any, data_spec: DataSpec) -> Any:
         },
         fingerprint="test-span-corruption",
     )
-    return task.prepare(raw, tok, data_spec)
+    return task.prepare(raw, tok)
 
 
 def test_task_draw_shapes(task: SpanCorruption, tok: Any, prepared: Any) -> None:
@@ -287,31 +291,31 @@ def test_task_eval_is_per_example(task: SpanCorruption, t5: Any, prepared: Any) 
 # --- setup refusals ----------------------------------------------------------------------------------
 
 
-def test_setup_refuses_tokenizer_without_sentinels(t5: Any, data_spec: DataSpec) -> None:
+def test_setup_refuses_tokenizer_without_sentinels(t5: Any, data_spec: dict[str, Any]) -> None:
     with pytest.raises(UserError):
-        SpanCorruption().setup(data_spec, t5, train_wordpiece(synthetic_documents(50), vocab_size=300))
+        span_task(data_spec).setup(t5, train_wordpiece(synthetic_documents(50), vocab_size=300))
     bpe = train_byte_level_bpe(synthetic_documents(50), vocab_size=300)  # has an EOS, but no sentinels
     with pytest.raises(UserError, match="extra_id_0"):
-        SpanCorruption().setup(data_spec, t5, bpe)
+        span_task(data_spec).setup(t5, bpe)
 
 
-def test_setup_refuses_too_few_sentinels(t5: Any, data_spec: DataSpec) -> None:
+def test_setup_refuses_too_few_sentinels(t5: Any, data_spec: dict[str, Any]) -> None:
     few = train_unigram(synthetic_documents(100), vocab_size=400, num_sentinels=2)
-    spec = data_spec.model_copy(update={"block_size": 128})
+    spec = {**data_spec, "block_size": 128}
     with pytest.raises(UserError, match="extra_id_2"):
-        SpanCorruption().setup(spec, t5, few)
-    SpanCorruption().setup(data_spec.model_copy(update={"block_size": 16}), t5, few)  # 2 spans: enough
+        span_task(spec).setup(t5, few)
+    span_task({**data_spec, "block_size": 16}).setup(t5, few)  # 2 spans: enough
 
 
 @pytest.mark.parametrize(("density", "span"), [(0.5, 1.0), (0.6, 1.0), (0.8, 2.0), (0.9, 3.0)])
 def test_task_dense_noise_is_refused_or_has_fixed_shapes(
-    t5: Any, data_spec: DataSpec, density: float, span: float
+    t5: Any, data_spec: dict[str, Any], density: float, span: float
 ) -> None:
     """Settings the recipe accepts either fail setup with a UserError or draw (B, block) / (B, target) rows."""
     many = train_unigram(synthetic_documents(100), vocab_size=400, num_sentinels=100)
-    task = SpanCorruption(SpanCorruptionSpec(noise_density=density, mean_noise_span_length=span))
+    task = span_task(data_spec, noise_density=density, mean_noise_span_length=span)
     try:
-        task.setup(data_spec, t5, many)
+        task.setup(t5, many)
     except UserError:
         return
     rows = torch.from_numpy(np.random.default_rng(0).integers(3, 40, size=(4, task.raw_length)))

@@ -13,6 +13,8 @@ import torch
 from llmtune.errors import UserError
 from llmtune.recipe import build_recipe
 from llmtune.tasks.base import EvalOutputs
+from llmtune.tasks import get_task
+from llmtune.tasks.finetune import LabelMap
 from llmtune.tasks.token_classification import (
     TokenClassification,
     align_labels,
@@ -31,7 +33,7 @@ LABEL2ID = {t: i for i, t in enumerate(LABELS)}
 ID2LABEL = dict(enumerate(LABELS))
 
 
-def make_task(tmp_path: Path, model: Path, **options: Any) -> TokenClassification:
+def make_task(tmp_path: Path, model: Path, data: dict[str, Any] | None = None, **options: Any) -> TokenClassification:
     """A task built from a recipe on two small CoNLL files (written here)."""
     train = tmp_path / "train.conll"
     long = "Mary B-PER\nJones I-PER\nlives O\nin O\nthe O\nold O\ncity O\nof O\nNew B-LOC\nYork I-LOC\n"
@@ -39,11 +41,17 @@ def make_task(tmp_path: Path, model: Path, **options: Any) -> TokenClassificatio
     tree = {
         "task": "token-classification",
         "model": {"pretrained": str(model)},
-        "data": {"files": {"train": str(train), "validation": str(train)}},
+        "data": {"files": {"train": str(train), "validation": str(train)}, **(data or {})},
         "output_dir": str(tmp_path / "run"),
         **({"token_classification": options} if options else {}),
     }
-    return TokenClassification(build_recipe(tree, tmp_path))
+    return get_task(build_recipe(tree, tmp_path))
+
+
+def with_labels(task: TokenClassification, id2label: dict[int, str]) -> TokenClassification:
+    """The task as `setup` leaves it for a model with this tag map."""
+    task.labels = LabelMap({v: k for k, v in id2label.items()}, id2label, len(id2label))
+    return task
 
 
 # --- label alignment ---------------------------------------------------------------------------------
@@ -139,8 +147,7 @@ def outputs_of(references: list[list[str]], predictions: list[list[str]]) -> Eva
 
 
 def test_metrics_match_hand_computed_values(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    task = make_task(tmp_path, tiny_models["bert"])
-    task.id2label = ID2LABEL
+    task = with_labels(make_task(tmp_path, tiny_models["bert"]), ID2LABEL)
     references = [["B-PER", "I-PER", "O", "B-LOC"], ["B-PER", "O"]]
     predictions = [["B-PER", "I-PER", "O", "O"], ["B-PER", "B-LOC"]]
     metrics = task.metrics(outputs_of(references, predictions))
@@ -152,7 +159,7 @@ def test_metrics_match_hand_computed_values(tiny_models: dict[str, Path], tmp_pa
     assert metrics["eval/f1_LOC"] == pytest.approx(0.0)
     assert metrics["eval/accuracy"] == pytest.approx(4 / 6)  # words tagged right
     assert metrics["eval/loss"] == pytest.approx(3.0 / 4)  # summed loss / labelled tokens
-    assert set(task.metric_names) <= set(metrics)
+    assert {m.name for m in task.recipe.reported_metrics() if "*" not in m.name} <= set(metrics)
 
 
 def test_metrics_agree_with_seqeval(tiny_models: dict[str, Path], tmp_path: Path) -> None:
@@ -161,8 +168,7 @@ def test_metrics_agree_with_seqeval(tiny_models: dict[str, Path], tmp_path: Path
     rng = random.Random(0)
     references = [[rng.choice(LABELS) for _ in range(rng.randint(1, 9))] for _ in range(2)]
     predictions = [[t if rng.random() < 0.6 else rng.choice(LABELS) for t in row] for row in references]
-    task = make_task(tmp_path, tiny_models["bert"])
-    task.id2label = ID2LABEL
+    task = with_labels(make_task(tmp_path, tiny_models["bert"]), ID2LABEL)
     metrics = task.metrics(outputs_of(references, predictions))
     assert metrics["eval/f1"] == pytest.approx(100 * f1_score(references, predictions))
     assert metrics["eval/precision"] == pytest.approx(100 * precision_score(references, predictions))
@@ -200,9 +206,9 @@ def test_class_label_tags_map_through_their_names(tiny_models: dict[str, Path], 
     # At evaluation the ints go through the dataset's names to the model's ids, whatever their order.
     from transformers import AutoTokenizer
 
-    task.label2id, task.num_labels, task.continuation = {"B-PER": 0, "I-PER": 1, "O": 2}, 3, {}
+    with_labels(task, {0: "B-PER", 1: "I-PER", 2: "O"})
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["bert"]))
-    prepared = task.prepare(RawData({"validation": ds}, "class-label"), tokenizer, task.data)
+    prepared = task.prepare(RawData({"validation": ds}, "class-label"), tokenizer)
     assert prepared.splits["validation"][0]["word_labels"].tolist() == [0, 1, 2]
 
 
@@ -216,7 +222,7 @@ def test_check_tags_follows_the_scheme() -> None:
 
 
 def test_label_all_tokens_needs_an_iob_scheme(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="label_all_tokens: supported for IOB1/IOB2"):
+    with pytest.raises(UserError, match="label_all_tokens is supported for IOB1/IOB2"):
         make_task(tmp_path, tiny_models["bert"], label_all_tokens=True, scheme="IOBES")
 
 
@@ -252,7 +258,7 @@ def test_setup_refuses_a_slow_tokenizer(tiny_models: dict[str, Path], tmp_path: 
         pad_token_id = 0
 
     with pytest.raises(UserError, match="needs a fast tokenizer; SlowTokenizer is a slow one"):
-        task.setup(task.data, model, SlowTokenizer())
+        task.setup(model, SlowTokenizer())
 
 
 def _built(tmp_path: Path, model_dir: Path, **options: Any) -> tuple[TokenClassification, Any, Any, Any]:
@@ -262,11 +268,11 @@ def _built(tmp_path: Path, model_dir: Path, **options: Any) -> tuple[TokenClassi
     from llmtune.modeling import build_model
 
     task = make_task(tmp_path, model_dir, **options)
-    raw = load_raw(task.data, columns=task.required_columns(task.data))
+    raw = load_raw(task.data, columns=task.required_columns())
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     torch.manual_seed(0)
     model = build_model(task.recipe.model, tokenizer, task.auto_class, task.name, task.model_overrides(raw))
-    task.setup(task.data, model, tokenizer)
+    task.setup(model, tokenizer)
     return task, raw, tokenizer, model
 
 
@@ -278,7 +284,7 @@ def test_unknown_tag_at_evaluation_is_one_clear_line(tiny_models: dict[str, Path
     task, _, tokenizer, _ = _built(tmp_path, tiny_models["bert"])
     rows = Dataset.from_dict({"tokens": [["John"], ["Acme", "Corp"]], "ner_tags": [["B-PER"], ["B-ORG", "I-ORG"]]})
     with pytest.raises(UserError) as error:
-        task.prepare(RawData({"validation": rows}, "unknown-tag"), tokenizer, task.data)
+        task.prepare(RawData({"validation": rows}, "unknown-tag"), tokenizer)
     message = str(error.value)
     assert "\n" not in message
     assert "tag 'B-ORG' (validation split, row 1) is not in the model's label map" in message
@@ -287,7 +293,7 @@ def test_unknown_tag_at_evaluation_is_one_clear_line(tiny_models: dict[str, Path
 
 def test_loss_and_eval_batch_against_transformers(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     task, raw, tokenizer, model = _built(tmp_path, tiny_models["bert"])
-    prepared = task.prepare(raw, tokenizer, task.data)
+    prepared = task.prepare(raw, tokenizer)
     batch = task.collator(tokenizer)([prepared.splits["train"][i] for i in range(2)])
     model.eval()
     with torch.no_grad():
@@ -309,10 +315,8 @@ def test_loss_and_eval_batch_against_transformers(tiny_models: dict[str, Path], 
 
 def test_truncated_words_count_as_o(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """With max_length 8 the last words fall off: they are predicted O and their entities are missed."""
-    task, raw, tokenizer, model = _built(tmp_path, tiny_models["bert"])
-    task.data.max_length = 8
-    task.setup(task.data, model, tokenizer)
-    prepared = task.prepare(raw, tokenizer, task.data)
+    task, raw, tokenizer, model = _built(tmp_path, tiny_models["bert"], data={"max_length": 8})
+    prepared = task.prepare(raw, tokenizer)
     assert prepared.stats["validation_words_without_token"] > 0
 
     rows = prepared.splits["validation"]
@@ -335,13 +339,13 @@ def test_gpt2_trains_on_pre_split_words(tiny_models: dict[str, Path], tmp_path: 
     task, raw, tokenizer, model = _built(tmp_path, tiny_models["gpt2"])
     assert tokenizer.backend_tokenizer.pre_tokenizer.add_prefix_space is True
     assert type(model).__name__ == "GPT2ForTokenClassification"
-    prepared = task.prepare(raw, tokenizer, task.data)
+    prepared = task.prepare(raw, tokenizer)
     rows = prepared.splits["train"]
     batch = task.collator(tokenizer)([rows[i] for i in range(len(rows))])
     first = batch["word_starts"][0]
     first = first[first >= 0]
     assert int(first[0]) == 0  # no special tokens: the first word starts at position 0
-    assert batch["labels"][0, first].tolist() == [task.label2id[t] for t in ["B-PER", "O", "O", "B-LOC"]]
+    assert batch["labels"][0, first].tolist() == [task.labels.label2id[t] for t in ["B-PER", "O", "O", "B-LOC"]]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     losses = []

@@ -1,17 +1,36 @@
-"""The Task protocol: the only thing that differs between objectives. The trainer sees tasks only through it."""
+"""The Task protocol: the only thing that differs between objectives. The trainer sees tasks only through it.
+
+Lifecycle: training (`llmtune pretrain` / `finetune`, in `run.py`) and inference (`llmtune eval` /
+`predict`, in `inference.py`) call a task's methods in this order, and nothing else sets its state:
+
+1. `__init__(recipe, labelled)`: read the recipe (options, columns, seed); no model, no data yet.
+2. `required_columns()`: the columns `data.load_raw` checks every split for.
+3. `tokenizer_texts(train_split)`: only when the recipe trains a tokenizer: the texts it learns from.
+4. `model_overrides(raw)`: training only, before the model is built (label maps from the training labels;
+   inference reads them back from the saved config instead).
+5. `setup(model, tokenizer)`: refuse what this model or tokenizer cannot serve; keep what the task needs.
+6. `prepare(raw, tokenizer)`: raw rows -> model inputs per split (cached on disk).
+7. `collator(tokenizer)`: how rows become a batch.
+8. Training steps: `draw(batch, seed)` -> `count_items(batch)` -> `loss(model, batch, num_items)`.
+9. Evaluation: `eval_batch(model, batch)` per batch, gathered across ranks into `EvalOutputs`, then
+   `metrics(outputs)`; `predictions(outputs)` for per-example records and `scored_pairs(outputs)` for
+   `evaluate` modules, where the registry entry says the task has them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from llmtune.data import Required
 
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
 
     from llmtune.data import RawData
-    from llmtune.recipe import DataSpec
+    from llmtune.recipe import Recipe
 
 
 @dataclass
@@ -58,21 +77,24 @@ class EvalOutputs:
 class Task(Protocol):
     """One objective or downstream problem: model class, preprocessing, loss and metrics."""
 
-    name: str
+    name: str  # the registry entry's name
     auto_class: str  # the transformers auto class that builds and loads the model
-    metric_names: tuple[str, ...]  # what `metrics` returns: the names expect:/best_metric may use
     seed: int  # seeds evaluation randomness (masks, spans) per example
+    labelled: bool  # False when predicting on data without labels
 
-    def required_columns(self, data: DataSpec) -> dict[str, str]:
-        """Recipe key -> column that every loaded split must have (checked with one clear error)."""
+    def required_columns(self) -> list[Required]:
+        """The columns every loaded split must have and what their cells hold (checked with one clear error)."""
+
+    def tokenizer_texts(self, split: Dataset) -> Iterator[str]:
+        """The texts a tokenizer trained for this task learns from (the text columns the task reads)."""
 
     def model_overrides(self, raw: RawData) -> dict[str, Any]:
         """Config keys the model is built with (e.g. num_labels, id2label from the training labels)."""
 
-    def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
+    def setup(self, model: Any, tokenizer: Any) -> None:
         """Refuse (`UserError`) settings this model or tokenizer cannot serve; keep what the task needs of them."""
 
-    def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
+    def prepare(self, raw: RawData, tokenizer: Any) -> Prepared:
         """Raw rows -> model inputs for each split (cached across runs)."""
 
     def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None:
@@ -98,11 +120,80 @@ class Task(Protocol):
     def metrics(self, outputs: EvalOutputs) -> dict[str, float]:
         """Final metrics (named `eval/...`) from the values `eval_batch` gave for the whole split."""
 
-
-class PredictingTask(Task, Protocol):
-    """A downstream task, which also turns evaluation outputs into per-example predictions."""
-
-    labelled: bool  # False when predicting on data without labels
-
     def predictions(self, outputs: EvalOutputs) -> list[dict[str, Any]]:
-        """One record per raw example of the last prepared validation split (label, entities, answer, text)."""
+        """One record per raw example of the prepared validation split (label, entities, answer, text)."""
+
+    def scored_pairs(self, outputs: EvalOutputs) -> tuple[list[Any], list[Any]]:
+        """(predictions, references) in the form `evaluate`'s metric modules take."""
+
+
+class BaseTask:
+    """What every task does the same way: reading the recipe, its columns, and the no-op defaults."""
+
+    auto_class: str
+
+    def __init__(self, recipe: Recipe, labelled: bool = True) -> None:
+        self.recipe = recipe
+        self.entry = recipe.entry
+        self.name = self.entry.name
+        self.data = recipe.data
+        self.options: Any = recipe.options
+        self.seed = recipe.train.seed
+        self.labelled = labelled
+
+    def required_columns(self) -> list[Required]:
+        """The declared columns the data must have: label columns only with labels, optional ones if set."""
+        columns = []
+        for column in self.entry.columns:
+            name = getattr(self.data, column.key)
+            if name is None or (column.role == "labels" and not self.labelled):
+                continue
+            if column.role == "optional" and name == column.default:
+                continue  # e.g. QA's id column: used when present
+            columns.append(Required(f"data.{column.key}", name, column.cells))
+        return columns
+
+    def tokenizer_texts(self, split: Dataset) -> Iterator[str]:
+        """Every text of the declared text columns (word lists joined, messages' contents, dotted fields)."""
+        keys = [getattr(self.data, c.key) for c in self.entry.columns if c.text]
+        names = [k for k in keys if k is not None and k.split(".")[0] in split.column_names]
+        for rows in split.iter(batch_size=1000):
+            for name in names:
+                for value in column_values(rows, name):
+                    yield from texts_in(value)
+
+    def model_overrides(self, raw: RawData) -> dict[str, Any]:
+        """No config changes: the model is built as configured."""
+        return {}
+
+    def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None:
+        """Default stacking (rows of one length)."""
+        return None
+
+    def draw(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        """No per-draw randomness (dropout aside)."""
+        return batch
+
+
+def column_values(rows: dict[str, list[Any]], column: str) -> list[Any]:
+    """A batch's values of `column`; a dotted name `a.b` reads field `b` of column `a` (None where absent)."""
+    if column in rows or "." not in column:
+        return rows[column]
+    head, *fields = column.split(".")
+    values = rows[head]
+    for name in fields:
+        values = [v.get(name) if isinstance(v, dict) else None for v in values]
+    return values
+
+
+def texts_in(value: Any) -> Iterator[str]:
+    """The strings inside one cell: itself, a list of words (joined), or messages' contents."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        if all(isinstance(v, str) for v in value):
+            yield " ".join(value)
+        else:
+            for item in value:
+                if isinstance(item, dict) and isinstance(item.get("content"), str):
+                    yield item["content"]

@@ -15,21 +15,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmtune.errors import UserError
-from llmtune.modeling import context_length
-from llmtune.tasks.base import EvalOutputs, Prepared
-from llmtune.tasks.packing import blocks_dataset, cached_splits, pack_blocks, require_tokens, token_stream
-from llmtune.tasks.token_loss import IGNORE
+from llmtune.tasks.base import EvalOutputs
+from llmtune.tasks.packing import PackedTextTask, blocks_dataset, pack_blocks, require_tokens
+from llmtune.tasks.token_loss import IGNORE, per_example_token_stats
 
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
 
-    from llmtune.data import RawData
-    from llmtune.recipe import DataSpec
 
-__all__ = ["CausalLM", "pack_blocks", "sliding_windows"]
-
-_CACHE_VERSION = "causal-lm/1"
+__all__ = ["CausalLM", "pack_blocks", "perplexity_metrics", "sliding_windows"]
 
 
 def sliding_windows(
@@ -58,66 +53,39 @@ def sliding_windows(
     return ids, labels, mask
 
 
-class CausalLM:
+class CausalLM(PackedTextTask):
     """Next-token prediction with token-weighted loss and sliding-window perplexity."""
 
-    name = "causal-lm"
     auto_class = "AutoModelForCausalLM"
-    metric_names = ("eval/loss", "eval/perplexity", "eval/tokens")
+    cache_version = "causal-lm/1"
 
-    def __init__(self, spec: None = None, seed: int = 0) -> None:
-        self.seed = seed
+    @property
+    def stride(self) -> int:
+        """The evaluation windows' stride: data.eval_stride, else block_size (no overlap)."""
+        return self.data.eval_stride or self.data.block_size
 
-    def required_columns(self, data: DataSpec) -> dict[str, str]:
-        """The text column."""
-        return {"data.text_column": data.text_column}
-
-    def model_overrides(self, raw: RawData) -> dict[str, Any]:
-        """Pretraining builds the model as configured."""
-        return {}
-
-    def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
-        """Refuse a block size longer than the model's context."""
-        limit = context_length(model.config)
-        if limit is not None and data.block_size > limit:
-            raise UserError(
-                f"data.block_size: {data.block_size} is longer than the model's context ({limit}); "
-                f"set data.block_size <= {limit}"
-            )
-
-    def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
-        """Packed training blocks and sliding evaluation windows, from the cache when it has them."""
-        eos = tokenizer.eos_token_id
-        if eos is None:
+    def setup(self, model: Any, tokenizer: Any) -> None:
+        """Refuse a block longer than the context, and a tokenizer without EOS to separate documents."""
+        super().setup(model, tokenizer)
+        if tokenizer.eos_token_id is None:
             raise UserError("tokenizer: causal-lm needs an EOS token to separate documents")
-        stride = data.eval_stride or data.block_size
 
-        def build(role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
-            stream = token_stream(ds, tokenizer, data.text_column, eos, data.num_proc)
-            if role == "train":
-                blocks = pack_blocks(stream, data.block_size)
-                require_tokens(role, len(stream), data.block_size, "block")
-                return blocks_dataset(blocks), {"tokens": int(blocks.size), "stream_tokens": len(stream)}
-            require_tokens(role, len(stream), 2, "window")
-            ids, labels, mask = sliding_windows(stream, data.block_size, stride, tokenizer.pad_token_id)
-            scored = int((labels[:, 1:] != IGNORE).sum())
-            return blocks_dataset(ids, labels=labels, attention_mask=mask), {
-                "tokens": len(stream),
-                "scored_tokens": scored,
-            }
+    def cache_key(self) -> list[Any]:
+        """The evaluation stride also changes the rows."""
+        return [*super().cache_key(), self.stride]
 
-        splits, stats = cached_splits(
-            [_CACHE_VERSION, data.text_column, data.block_size, stride], raw, tokenizer, data, build
-        )
-        return Prepared(splits, stats)
-
-    def collator(self, tokenizer: Any) -> None:
-        """Blocks and windows are all `block_size` long: default stacking is enough."""
-        return None
-
-    def draw(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-        """Causal LM has no per-draw randomness."""
-        return batch
+    def build_split(self, role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
+        """Training: packed blocks. Evaluation: sliding windows whose labels score each token once."""
+        block_size = self.data.block_size
+        stream = self.stream(ds, self.tokenizer.eos_token_id)
+        if role == "train":
+            blocks = pack_blocks(stream, block_size)
+            require_tokens(role, len(stream), block_size, "block")
+            return blocks_dataset(blocks), {"tokens": int(blocks.size), "stream_tokens": len(stream)}
+        require_tokens(role, len(stream), 2, "window")
+        ids, labels, mask = sliding_windows(stream, block_size, self.stride, self.tokenizer.pad_token_id)
+        scored = int((labels[:, 1:] != IGNORE).sum())
+        return blocks_dataset(ids, labels=labels, attention_mask=mask), {"tokens": len(stream), "scored_tokens": scored}
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokens predicted in the batch: every position after the first of each row that has a label."""
@@ -132,21 +100,17 @@ class CausalLM:
 
     def eval_batch(self, model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-window summed negative log-likelihood and scored-token count."""
-        import torch.nn.functional as F
-
-        labels = batch["labels"]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        nll = F.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none"
-        )
-        return {"nll": nll.sum(dim=1), "tokens": (labels[:, 1:] != IGNORE).sum(dim=1).float()}
+        stats = per_example_token_stats(logits[:, :-1], batch["labels"][:, 1:])
+        return {"nll": stats["nll"], "tokens": stats["tokens"]}
 
     def metrics(self, outputs: EvalOutputs) -> dict[str, float]:
         """Token-weighted loss and its exponential, perplexity."""
-        totals = {key: outputs.sum(key) for key in ("nll", "tokens")}
-        loss = totals["nll"] / max(totals["tokens"], 1.0)
-        return {
-            "eval/loss": loss,
-            "eval/perplexity": math.exp(min(loss, 700.0)),
-            "eval/tokens": totals["tokens"],
-        }
+        return perplexity_metrics(outputs)
+
+
+def perplexity_metrics(outputs: EvalOutputs) -> dict[str, float]:
+    """Token-weighted loss over the scored tokens, its exponential (perplexity), and their number."""
+    nll, tokens = outputs.sum("nll"), outputs.sum("tokens")
+    loss = nll / max(tokens, 1.0)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0)), "eval/tokens": tokens}

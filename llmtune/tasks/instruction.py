@@ -11,12 +11,8 @@ EOS. The prompt is tokenised on its own, exactly as it is at prediction time.
 
 Chat: `data.messages_column` holds lists of `{role, content}` messages, rendered with
 `instruction.chat_template`, else the tokenizer's chat template, else `DEFAULT_CHAT_TEMPLATE` (role
-headers `### User:` / `### Assistant:`, EOS after each assistant turn). Only assistant turns count:
-with a template that marks them with `{% generation %}` (the default does), transformers'
-`return_assistant_tokens_mask` finds their tokens; with any other, each assistant turn's characters
-are found by rendering the conversation up to the turn before it (with the generation prompt, so the
-assistant header is prompt) and up to the turn itself, and the tokens overlapping those characters
-count (the same overlap rule as transformers).
+headers `### User:` / `### Assistant:`, EOS after each assistant turn). Only assistant turns count
+(`llmtune.tasks.chat` finds their tokens).
 
 An example whose response (or every assistant turn) is cut away by truncation contributes nothing: it
 is dropped, and the run log counts the drops (`train_dropped`, `validation_dropped`).
@@ -31,37 +27,25 @@ turn has that turn left out and predicted.
 
 from __future__ import annotations
 
-import math
-import re
 import string
 from typing import TYPE_CHECKING, Any
 
+from llmtune.data import Required
 from llmtune.errors import UserError
 from llmtune.modeling import context_length
-from llmtune.tasks.base import EvalOutputs, Prepared
-from llmtune.tasks.finetune import FinetuneTask, encode_split, unwrap
+from llmtune.tasks.base import EvalOutputs, column_values
+from llmtune.tasks.causal_lm import perplexity_metrics
+from llmtune.tasks.chat import ChatRenderer, checked_messages
+from llmtune.tasks.finetune import FinetuneTask, require_fast_tokenizer, unwrap
+from llmtune.tasks.generation import cut_at_eos, decode, left_align
 from llmtune.tasks.token_loss import IGNORE, per_example_token_stats
 
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
 
-    from llmtune.data import RawData
-    from llmtune.recipe import DataSpec, Recipe
-
-# Role headers, a blank line between turns, EOS closing each assistant turn; `{% generation %}` marks
-# what the loss counts. Newlines are Jinja strings: transformers compiles templates with trim_blocks.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
-    "{{ '### ' + message['role'] | capitalize + ':\\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
-    "{% else %}{{ message['content'] }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\\n\\n### Assistant:\\n' }}{% endif %}"
-)
-_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+    from llmtune.recipe import Recipe
+    from llmtune.tasks.registry import InstructionSpec
 
 
 def template_fields(template: str) -> list[str]:
@@ -80,162 +64,57 @@ def template_fields(template: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def column_values(rows: dict[str, list[Any]], column: str) -> list[Any]:
-    """A batch's values of `column`; a dotted name `a.b` reads field `b` of column `a`."""
-    if column in rows or "." not in column:
-        return rows[column]
-    head, *fields = column.split(".")
-    values = rows[head]
-    for name in fields:
-        values = [v.get(name) if isinstance(v, dict) else None for v in values]
-    return values
-
-
-def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded rows -> the same rows left-padded (decoder-only generation continues at the right end)."""
-    import torch
-
-    width = input_ids.shape[1]
-    shift = width - attention_mask.sum(dim=1, keepdim=True)
-    source = torch.arange(width, device=input_ids.device)[None, :] - shift
-    valid = source >= 0
-    ids = torch.where(valid, input_ids.gather(1, source.clamp(min=0)), torch.full_like(input_ids, pad_id))
-    return ids, valid.long()
-
-
-def until_eos(generated: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Generated ids with the first EOS and everything after it (padding of finished rows) set to -100."""
-    finished = (generated == eos_id).cumsum(dim=1) > 0
-    return generated.masked_fill(finished, IGNORE)
-
-
 class InstructionTuning(FinetuneTask):
     """Causal-LM fine-tuning on prompt/response pairs or chats, the loss on responses (assistant turns) only."""
 
-    name = "instruction-tuning"
     auto_class = "AutoModelForCausalLM"
     cache_version = "instruction/1"
-    metric_names = ("eval/loss", "eval/perplexity", "eval/tokens")
 
-    def __init__(self, recipe: Recipe) -> None:
-        super().__init__(recipe)
-        from llmtune.recipe import InstructionSpec
-
-        self.spec = recipe.instruction or InstructionSpec()
+    def __init__(self, recipe: Recipe, labelled: bool = True) -> None:
+        super().__init__(recipe, labelled)
+        self.spec: InstructionSpec = self.options
         self.chat = self.data.messages_column is not None
         self.fields = [] if self.chat else template_fields(self.spec.template)
-        self.chat_template = self.spec.chat_template
-        self.tokenizer: Any = None
+        self.renderer: ChatRenderer | None = None
         self.eos_id = 0
         self.pad_id = 0
 
     # --- configuration ------------------------------------------------------------------------------
-    def required_columns(self, data: DataSpec) -> dict[str, str]:
+    def required_columns(self) -> list[Required]:
         """The messages column, or the prompt (and, with labels, response) column and the template's columns."""
+        data = self.data
         if data.messages_column is not None:
-            return {"data.messages_column": data.messages_column}
-        assert data.prompt_column is not None and data.response_column is not None  # the recipe validator's
-        columns = {"data.prompt_column": data.prompt_column}
+            return [Required("data.messages_column", data.messages_column, "list")]
+        columns = [Required("data.prompt_column", data.prompt_column, "text")]
         if self.labelled:
-            columns["data.response_column"] = data.response_column
-        for name in self.fields:
-            if name != "prompt":
-                columns[f"instruction.template {{{name}}}"] = name
+            columns.append(Required("data.response_column", data.response_column, "text"))
+        # Template fields may be empty (Alpaca's {input} often is): they render as "".
+        columns += [Required(f"instruction.template {{{n}}}", n, "any", "allow") for n in self.fields if n != "prompt"]
         return columns
 
-    def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
+    def setup(self, model: Any, tokenizer: Any) -> None:
         """Truncation length, EOS / pad ids and the chat template; refuse what cannot be served."""
-        super().setup(data, model, tokenizer)
+        super().setup(model, tokenizer)
         if tokenizer.eos_token_id is None:
             raise UserError("tokenizer: instruction tuning ends every response with EOS, and this tokenizer has none")
-        self.tokenizer, self.eos_id, self.pad_id = tokenizer, tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         if not self.labelled and self.spec.max_new_tokens >= self.max_length:
             raise UserError(
                 f"instruction.max_new_tokens: {self.spec.max_new_tokens} leaves no room for the prompt within "
                 f"data.max_length ({self.max_length}); lower it or raise data.max_length"
             )
         if self.chat:
-            if self.chat_template is None:
-                own = getattr(tokenizer, "chat_template", None)
-                self.chat_template = tokenizer.get_chat_template() if own else DEFAULT_CHAT_TEMPLATE
-            if not getattr(tokenizer, "is_fast", False):
-                raise UserError(
-                    "tokenizer: chat tuning finds assistant tokens by offsets, which needs a fast tokenizer"
-                )
-            self._render([{"role": "user", "content": "?"}], "a one-message conversation", True)
+            require_fast_tokenizer(tokenizer, "chat tuning", "finds assistant tokens by offsets")
+            self.renderer = ChatRenderer(tokenizer, self.spec.chat_template)
             # Saved with the tokenizer (run_dir/tokenizer, final/), so the model is used as it was trained.
-            tokenizer.chat_template = self.chat_template
+            tokenizer.chat_template = self.renderer.template
 
     def cache_key(self) -> list[Any]:
         """The base key plus the templates and generation budget."""
-        return [*super().cache_key(), self.spec.model_dump(mode="json"), self.chat_template]
+        template = self.renderer.template if self.renderer is not None else None
+        return [*super().cache_key(), self.spec.model_dump(mode="json"), template]
 
     # --- preprocessing ------------------------------------------------------------------------------
-    def _text(self, value: Any, key: str, role: str, row: int) -> str:
-        if value is None:
-            raise UserError(f"{key}: row {row} of the {role} split has no value; give every example one")
-        return value if isinstance(value, str) else str(value)
-
-    def _messages(self, value: Any, role: str, row: int) -> list[dict[str, Any]]:
-        key = f"data.messages_column ({self.data.messages_column!r})"
-        ok = isinstance(value, list) and value and all(isinstance(m, dict) for m in value)
-        if not ok or any(not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str) for m in value):
-            raise UserError(
-                f"{key}: row {row} of the {role} split is not a non-empty list of {{role, content}} messages "
-                "with string values"
-            )
-        return [{k: v for k, v in m.items() if v is not None} for m in value]
-
-    def _apply(self, messages: list[dict[str, Any]], where: str, **kwargs: Any) -> Any:
-        """`apply_chat_template` with the task's template; a template error is a `UserError`."""
-        from jinja2 import TemplateError
-
-        try:
-            return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
-        except TemplateError as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"instruction.chat_template: rendering {where} failed: {first}") from None
-
-    def _render(self, messages: list[dict[str, Any]], where: str, generation_prompt: bool = False) -> str:
-        return self._apply(messages, where, tokenize=False, add_generation_prompt=generation_prompt)
-
-    def chat_tokens(
-        self, messages: list[dict[str, Any]], role: str = "train", row: int = 0
-    ) -> tuple[list[int], list[bool]]:
-        """A conversation's token ids and, per token, whether it is part of an assistant turn."""
-        tok, where = self.tokenizer, f"row {row} of the {role} split"
-        if _GENERATION_TAG.search(self.chat_template or ""):
-            out = self._apply(messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-            return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
-        text = self._render(messages, where)
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            through = self._render(messages[: i + 1], where)
-            before = [self._render(messages[:i], where, True), self._render(messages[:i], where)] if i else [""]
-            start = next((len(b) for b in before if through.startswith(b)), None)
-            if start is None or not text.startswith(through):
-                raise UserError(
-                    f"instruction.chat_template: rendering the {role} split's row {row} turn by turn does not give "
-                    "a prefix of the whole conversation, so assistant turns cannot be located; mark them with "
-                    "{% generation %}...{% endgeneration %} in the template"
-                )
-            spans.append((start, len(through)))
-        encoding = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        counted = [
-            any(first < span_end and last > span_start for span_start, span_end in spans)
-            for first, last in encoding["offset_mapping"]
-        ]
-        return list(encoding["input_ids"]), counted
-
-    def _chat_prompt(self, messages: list[dict[str, Any]], role: str, row: int) -> list[int]:
-        """The ids a response is generated after: the conversation (less a final assistant turn) + header."""
-        if messages[-1]["role"] == "assistant" and len(messages) > 1:
-            messages = messages[:-1]
-        text = self._render(messages, f"row {row} of the {role} split", True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _labelled_rows(
         self, ids: list[list[int]], counted: list[list[bool]], indices: list[int]
     ) -> dict[str, list[Any]]:
@@ -257,60 +136,52 @@ class InstructionTuning(FinetuneTask):
         ids = [row[-budget:] for row in ids]
         return {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids], "index": indices}
 
-    def encode_rows(self, rows: dict[str, list[Any]], indices: list[int], role: str = "train") -> dict[str, list[Any]]:
+    def encode(self, rows: dict[str, list[Any]], indices: list[int], role: str = "train") -> dict[str, list[Any]]:
         """One batch of raw rows -> model rows (dropped examples left out; `index` = the raw row number)."""
-        tok, data = self.tokenizer, self.data
         if self.chat:
-            assert data.messages_column is not None
-            chats = [
-                self._messages(v, role, i)
-                for v, i in zip(column_values(rows, data.messages_column), indices, strict=True)
-            ]
-            if not self.labelled:
-                return self._prompt_rows(
-                    [self._chat_prompt(m, role, i) for m, i in zip(chats, indices, strict=True)], indices
-                )
-            pairs = [self.chat_tokens(m, role, i) for m, i in zip(chats, indices, strict=True)]
-            return self._labelled_rows([p[0] for p in pairs], [p[1] for p in pairs], indices)
-        assert data.prompt_column is not None and data.response_column is not None
+            return self._encode_chats(rows, indices, role)
+        data = self.data
         values = {name: column_values(rows, data.prompt_column if name == "prompt" else name) for name in self.fields}
         prompts = []
-        for j, index in enumerate(indices):
-            fields = {name: "" if name != "prompt" and v[j] is None else v[j] for name, v in values.items()}
-            fields["prompt"] = self._text(fields["prompt"], f"data.prompt_column ({data.prompt_column!r})", role, index)
-            prompts.append(self.spec.template.format(**{k: str(v) for k, v in fields.items()}))
-        prompt_ids = tok(prompts, verbose=False)["input_ids"]
+        for j in range(len(indices)):
+            fields = {name: "" if v[j] is None else str(v[j]) for name, v in values.items()}
+            prompts.append(self.spec.template.format(**fields))
+        prompt_ids = self.tokenizer(prompts, verbose=False)["input_ids"]
         if not self.labelled:
             return self._prompt_rows(prompt_ids, indices)
-        key = f"data.response_column ({data.response_column!r})"
-        responses = [
-            self._text(v, key, role, i) for v, i in zip(column_values(rows, data.response_column), indices, strict=True)
-        ]
-        response_ids = tok(responses, add_special_tokens=False, verbose=False)["input_ids"]
+        responses = column_values(rows, data.response_column)
+        response_ids = self.tokenizer(responses, add_special_tokens=False, verbose=False)["input_ids"]
         ids = [[*p, *r, self.eos_id] for p, r in zip(prompt_ids, response_ids, strict=True)]
         counted = [[False] * len(p) + [True] * (len(r) + 1) for p, r in zip(prompt_ids, response_ids, strict=True)]
         return self._labelled_rows(ids, counted, indices)
 
-    def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
-        """Tokenised, truncated, labelled examples per split (cached), with drop counts and lengths."""
+    def _encode_chats(self, rows: dict[str, list[Any]], indices: list[int], role: str) -> dict[str, list[Any]]:
+        assert self.renderer is not None and self.data.messages_column is not None  # setup made it
+        key = f"data.messages_column ({self.data.messages_column!r})"
+        column = column_values(rows, self.data.messages_column)
+        chats = [
+            (checked_messages(v, key, role, i), f"row {i} of the {role} split")
+            for v, i in zip(column, indices, strict=True)
+        ]
+        if not self.labelled:
+            return self._prompt_rows([self.renderer.prompt_ids(m, where) for m, where in chats], indices)
+        pairs = [self.renderer.tokens(m, where) for m, where in chats]
+        return self._labelled_rows([p[0] for p in pairs], [p[1] for p in pairs], indices)
+
+    def split_stats(self, role: str, raw: Dataset, encoded: Dataset) -> dict[str, Any]:
+        """With labels: examples dropped by truncation (refused when all are) and the response tokens."""
         import numpy as np
 
-        def build(role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
-            encoded = encode_split(ds, lambda rows, indices: self.encode_rows(rows, indices, role), data.num_proc)
-            stats: dict[str, Any] = {}
-            if self.labelled:
-                stats["dropped"] = len(ds) - len(encoded)
-                if len(encoded) == 0:
-                    what = "every conversation's assistant turns" if self.chat else "every response"
-                    raise UserError(
-                        f"data.max_length: {what} in the {role} split is cut away by truncation to "
-                        f"{self.max_length} tokens (or there is none); raise data.max_length or shorten the prompts"
-                    )
-                labels = encoded.data.column("labels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                stats["response_tokens"] = int(np.count_nonzero(labels != IGNORE))
-            return encoded, stats
-
-        return self.prepare_rows(raw, tokenizer, build)
+        if not self.labelled:
+            return {}
+        if len(encoded) == 0:
+            what = "every conversation's assistant turns" if self.chat else "every response"
+            raise UserError(
+                f"data.max_length: {what} in the {role} split is cut away by truncation to "
+                f"{self.max_length} tokens (or there is none); raise data.max_length or shorten the prompts"
+            )
+        labels = encoded.data.column("labels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return {"dropped": len(raw) - len(encoded), "response_tokens": int(np.count_nonzero(labels != IGNORE))}
 
     # --- training and evaluation -------------------------------------------------------------------
     def count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -346,13 +217,11 @@ class InstructionTuning(FinetuneTask):
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_id,
         )
-        return {"index": batch["index"], "generated": until_eos(out[:, ids.shape[1] :], self.eos_id)}
+        return {"index": batch["index"], "generated": cut_at_eos(out[:, ids.shape[1] :], [self.eos_id])}
 
     def metrics(self, outputs: EvalOutputs) -> dict[str, float]:
         """Token-weighted loss over the counted (response) tokens, its perplexity, and their number."""
-        nll, tokens = outputs.sum("nll"), outputs.sum("tokens")
-        loss = nll / max(tokens, 1.0)
-        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0)), "eval/tokens": tokens}
+        return perplexity_metrics(outputs)
 
     def _source(self, index: int) -> dict[str, Any]:
         assert self.validation_raw is not None
@@ -373,11 +242,5 @@ class InstructionTuning(FinetuneTask):
             rows = sorted(zip(outputs.flat("index"), outputs.flat("nll"), outputs.flat("tokens"), strict=True))
             return [{"index": i, **self._source(i), "loss": n / max(t, 1.0), "tokens": int(t)} for i, n, t in rows]
         rows = sorted(zip(outputs.flat("index"), outputs.flat("generated"), strict=True))
-        return [
-            {
-                "index": i,
-                **self._source(i),
-                "response": self.tokenizer.decode([t for t in ids if t != IGNORE], skip_special_tokens=True),
-            }
-            for i, ids in rows
-        ]
+        texts = decode(self.tokenizer, [ids for _, ids in rows])
+        return [{"index": i, **self._source(i), "response": text} for (i, _), text in zip(rows, texts, strict=True)]

@@ -16,20 +16,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmtune.errors import UserError
-from llmtune.modeling import context_length
-from llmtune.recipe import MaskingSpec
-from llmtune.tasks.base import EvalOutputs, Prepared
-from llmtune.tasks.packing import blocks_dataset, cached_splits, pack_blocks, require_tokens, token_stream
+from llmtune.tasks.base import EvalOutputs
+from llmtune.tasks.packing import PackedTextTask, blocks_dataset, pack_blocks, require_tokens
 from llmtune.tasks.token_loss import IGNORE, per_example_token_stats, token_loss_sum
 
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
 
-    from llmtune.data import RawData
-    from llmtune.recipe import DataSpec
-
-_CACHE_VERSION = "masked-lm/1"
+    from llmtune.tasks.registry import MaskingSpec
 
 
 def mask_tokens(
@@ -81,41 +76,40 @@ def continuation_table(tokenizer: Any) -> np.ndarray:
     return table
 
 
-class MaskedLM:
+def framing_tokens(tokenizer: Any) -> tuple[int, int]:
+    """The ids that open and close each sequence: [CLS] / [SEP], else BOS / EOS."""
+    cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if cls is None or sep is None:
+        raise UserError("tokenizer: masked-lm needs [CLS]/[SEP] (or BOS/EOS) tokens to frame each sequence")
+    return cls, sep
+
+
+class MaskedLM(PackedTextTask):
     """Masked-token prediction with dynamic masking."""
 
-    name = "masked-lm"
     auto_class = "AutoModelForMaskedLM"
-    metric_names = ("eval/loss", "eval/mlm_perplexity", "eval/masked_accuracy", "eval/masked_tokens")
+    cache_version = "masked-lm/1"
 
-    def __init__(self, spec: MaskingSpec | None = None, seed: int = 0) -> None:
-        self.spec = spec or MaskingSpec()
-        self.seed = seed
+    def __init__(self, recipe: Any, labelled: bool = True) -> None:
+        super().__init__(recipe, labelled)
+        self.spec: MaskingSpec = self.options
         self._tables: dict[str, Any] = {}
 
-    def required_columns(self, data: DataSpec) -> dict[str, str]:
-        """The text column."""
-        return {"data.text_column": data.text_column}
-
-    def model_overrides(self, raw: RawData) -> dict[str, Any]:
-        """Pretraining builds the model as configured."""
-        return {}
-
-    def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
-        """Need a mask token and a sequence the model holds; build the special-token and word tables."""
+    def setup(self, model: Any, tokenizer: Any) -> None:
+        """Need a mask token, framing tokens and a sequence the model holds; build the special-token and word
+        tables."""
         import torch
 
+        super().setup(model, tokenizer)
         if tokenizer.mask_token_id is None:
             raise UserError(
                 "tokenizer: masked-lm needs a mask token; train one with tokenizer.train.kind: wordpiece "
                 "or use a BERT-style tokenizer"
             )
-        limit = context_length(model.config)
-        if limit is not None and data.block_size > limit:
-            raise UserError(
-                f"data.block_size: {data.block_size} is longer than the model's context ({limit}); "
-                f"set data.block_size <= {limit}"
-            )
+        if self.data.block_size < 3:
+            raise UserError("data.block_size: masked-lm needs at least 3 (for [CLS] x [SEP])")
+        framing_tokens(tokenizer)
         special = np.zeros(len(tokenizer), dtype=bool)
         special[[i for i in tokenizer.all_special_ids if i < len(special)]] = True
         self._tables = {
@@ -125,49 +119,33 @@ class MaskedLM:
             "vocab": len(tokenizer),
         }
 
-    def _ends(self, tokenizer: Any) -> tuple[int, int]:
-        cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-        sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-        if cls is None or sep is None:
-            raise UserError("tokenizer: masked-lm needs [CLS]/[SEP] (or BOS/EOS) tokens to frame each sequence")
-        return cls, sep
+    def _frame(self, pieces: np.ndarray) -> np.ndarray:
+        cls, sep = framing_tokens(self.tokenizer)
+        n = len(pieces)
+        return np.concatenate([np.full((n, 1), cls), pieces, np.full((n, 1), sep)], axis=1)
 
-    def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
+    def build_split(self, role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
         """`[CLS] … [SEP]` pieces of `block_size`; the validation tail is kept, padded."""
-        cls, sep = self._ends(tokenizer)
-        inner = data.block_size - 2
-        if inner < 1:
-            raise UserError("data.block_size: masked-lm needs at least 3 (for [CLS] x [SEP])")
-
-        def frame(pieces: np.ndarray) -> np.ndarray:
-            n = len(pieces)
-            return np.concatenate([np.full((n, 1), cls), pieces, np.full((n, 1), sep)], axis=1)
-
-        def build(role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
-            stream = token_stream(ds, tokenizer, data.text_column, sep, data.num_proc)
-            blocks = pack_blocks(stream, inner)
-            if role == "train":
-                require_tokens(role, len(stream), inner, "sequence")
-                framed = frame(blocks)
-                return blocks_dataset(framed, attention_mask=np.ones_like(framed)), {"tokens": len(stream)}
-            require_tokens(role, len(stream), 1, "sequence")
-            tail = stream[blocks.size :]
-            framed = frame(blocks)
-            mask = np.ones_like(framed)
-            if len(tail):
-                row = np.full((1, data.block_size), tokenizer.pad_token_id)
-                row[0, : len(tail) + 2] = [cls, *tail, sep]
-                framed = np.concatenate([framed, row])
-                mask = np.concatenate([mask, (np.arange(data.block_size) < len(tail) + 2)[None].astype(np.int64)])
-            ids = np.arange(len(framed), dtype=np.int64)
-            return blocks_dataset(framed, attention_mask=mask, example_id=ids), {"tokens": len(stream)}
-
-        splits, stats = cached_splits([_CACHE_VERSION, data.text_column, data.block_size], raw, tokenizer, data, build)
-        return Prepared(splits, stats)
-
-    def collator(self, tokenizer: Any) -> None:
-        """Rows are all `block_size` long: default stacking is enough."""
-        return None
+        block_size = self.data.block_size
+        inner = block_size - 2
+        cls, sep = framing_tokens(self.tokenizer)
+        stream = self.stream(ds, sep)
+        blocks = pack_blocks(stream, inner)
+        if role == "train":
+            require_tokens(role, len(stream), inner, "sequence")
+            framed = self._frame(blocks)
+            return blocks_dataset(framed, attention_mask=np.ones_like(framed)), {"tokens": len(stream)}
+        require_tokens(role, len(stream), 1, "sequence")
+        tail = stream[blocks.size :]
+        framed = self._frame(blocks)
+        mask = np.ones_like(framed)
+        if len(tail):
+            row = np.full((1, block_size), self.tokenizer.pad_token_id)
+            row[0, : len(tail) + 2] = [cls, *tail, sep]
+            framed = np.concatenate([framed, row])
+            mask = np.concatenate([mask, (np.arange(block_size) < len(tail) + 2)[None].astype(np.int64)])
+        ids = np.arange(len(framed), dtype=np.int64)
+        return blocks_dataset(framed, attention_mask=mask, example_id=ids), {"tokens": len(stream)}
 
     def _mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         t = self._tables

@@ -1,30 +1,32 @@
-"""What the pretraining tasks share: documents -> one token stream -> fixed-length pieces, cached on disk."""
+"""What the pretraining objectives share: documents -> one token stream -> fixed-length pieces, cached on disk."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmtune.atomic import atomic_dir, cache_root
+from llmtune.data import Required
 from llmtune.errors import UserError
+from llmtune.modeling import context_length
+from llmtune.tasks.base import BaseTask, Prepared
+from llmtune.tasks.cache import cached_splits
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
     from llmtune.data import RawData
-    from llmtune.recipe import DataSpec
 
 
 def token_stream(ds: Dataset, tokenizer: Any, text_column: str, separator: int, num_proc: int | None) -> np.ndarray:
-    """Every non-empty document's tokens (no special tokens), each followed by `separator`, as one array."""
+    """Every non-blank document's tokens (no special tokens), each followed by `separator`, as one array.
 
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        ids = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
+    Blank and null documents are left out (`data.load_raw` counts them for the run log).
+    """
+
+    def encode(batch: dict[str, list[str | None]]) -> dict[str, list[list[int]]]:
+        texts = [t for t in batch[text_column] if t is not None and t.strip()]
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
         return {"input_ids": [[*row, separator] for row in ids if row]}
 
     tokenized = ds.map(
@@ -56,49 +58,6 @@ def blocks_dataset(blocks: np.ndarray, **columns: np.ndarray) -> Dataset:
     return Dataset(pa.table(table))
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of everything about a tokenizer that changes token ids."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    specials = json.dumps([tokenizer.all_special_tokens, tokenizer.all_special_ids])
-    return hashlib.sha256((body + specials).encode()).hexdigest()[:16]
-
-
-def cached_splits(
-    key: list[Any],
-    raw: RawData,
-    tokenizer: Any,
-    data: DataSpec,
-    build: Callable[[str, Dataset], tuple[Dataset, dict[str, Any]]],
-) -> tuple[dict[str, Dataset], dict[str, Any]]:
-    """Model-ready splits from the cache, or built by `build(role, raw_split)` and saved atomically.
-
-    The cache key covers the raw data's fingerprint, the tokenizer and everything in `key` (the task's
-    version and settings), so any change that alters the result misses the cache.
-    """
-    from datasets import DatasetDict, load_from_disk
-
-    digest = hashlib.sha256(
-        json.dumps([*key, raw.fingerprint, tokenizer_fingerprint(tokenizer), sorted(raw.splits)], default=str).encode()
-    ).hexdigest()[:16]
-    where = cache_root(data.cache_dir) / "tokenized" / digest
-    started = time.perf_counter()
-    if (where / "stats.json").is_file():
-        stats = json.loads((where / "stats.json").read_text())
-        stats["cache"] = f"hit {where}"
-    else:
-        splits, stats = {}, {}
-        for role, ds in raw.splits.items():
-            splits[role], role_stats = build(role, ds)
-            stats.update({f"{role}_{k}": v for k, v in role_stats.items()})
-        with atomic_dir(where) as tmp:
-            DatasetDict(splits).save_to_disk(str(tmp))
-            (tmp / "stats.json").write_text(json.dumps(stats))
-        stats["cache"] = f"miss, saved {where}"
-    stats["prepare_seconds"] = round(time.perf_counter() - started, 3)
-    return {k: v.with_format("torch") for k, v in load_from_disk(str(where)).items()}, stats
-
-
 def require_tokens(role: str, have: int, need: int, what: str) -> None:
     """Refuse a split too small to give even one example."""
     if have < need:
@@ -106,3 +65,53 @@ def require_tokens(role: str, have: int, need: int, what: str) -> None:
             f"data: the {role} split has {have} tokens, fewer than one {what} ({need}); "
             "lower data.block_size or add data"
         )
+
+
+class PackedTextTask(BaseTask):
+    """Base of the pretraining objectives: one text column, packed into pieces of `data.block_size`.
+
+    A subclass says how a split's token stream becomes rows (`build_split`) and what else changes them
+    (`cache_key`); the caching, the separator stream and the context check are here.
+    """
+
+    cache_version: str
+
+    def __init__(self, recipe: Any, labelled: bool = True) -> None:
+        super().__init__(recipe, labelled)
+        self.tokenizer: Any = None
+
+    def required_columns(self) -> list[Required]:
+        """The text column; blank and null documents are skipped (and counted), not errors."""
+        return [Required("data.text_column", self.data.text_column, "text", "skip")]
+
+    def check_block_size(self, model: Any) -> None:
+        """Refuse a block size longer than the model's context."""
+        limit = context_length(model.config)
+        if limit is not None and self.data.block_size > limit:
+            raise UserError(
+                f"data.block_size: {self.data.block_size} is longer than the model's context ({limit}); "
+                f"set data.block_size <= {limit}"
+            )
+
+    def setup(self, model: Any, tokenizer: Any) -> None:
+        """Keep the tokenizer; refuse a block longer than the context."""
+        self.check_block_size(model)
+        self.tokenizer = tokenizer
+
+    def cache_key(self) -> list[Any]:
+        """What, besides data and tokenizer, changes the prepared rows."""
+        return [self.cache_version, self.data.text_column, self.data.block_size]
+
+    def stream(self, ds: Dataset, separator: int) -> np.ndarray:
+        """The split's documents as one token stream, `separator` after each."""
+        return token_stream(ds, self.tokenizer, self.data.text_column, separator, self.data.num_proc)
+
+    def build_split(self, role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
+        """One raw split -> model rows and the facts the run log states about them."""
+        raise NotImplementedError
+
+    def prepare(self, raw: RawData, tokenizer: Any) -> Prepared:
+        """The model rows of every split, from the cache when it has them."""
+        self.tokenizer = tokenizer
+        splits, stats = cached_splits(self.cache_key(), raw, tokenizer, self.data.cache_dir, self.build_split)
+        return Prepared(splits, stats)

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from llmtune.errors import UserError
 from llmtune.metrics import squad_metrics
-from llmtune.tasks.base import EvalOutputs, Prepared
-from llmtune.tasks.finetune import FinetuneTask, encode_split, model_inputs
+from llmtune.tasks.base import EvalOutputs
+from llmtune.tasks.finetune import FinetuneTask, model_inputs, require_fast_tokenizer
 from llmtune.tasks.qa_postprocess import NOT_CONTEXT, Answer, WindowCandidates, best_answer
 
 if TYPE_CHECKING:
@@ -27,9 +27,8 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from llmtune.data import RawData
-    from llmtune.recipe import DataSpec, Recipe
+    from llmtune.recipe import Recipe
 
-METRICS = ("eval/loss", "eval/exact_match", "eval/f1")
 CANDIDATE_KEYS = ("start_tokens", "start_scores", "start_chars", "end_tokens", "end_scores", "end_chars")
 
 
@@ -65,24 +64,13 @@ def example_ids(ds: Dataset, column: str) -> list[str]:
 class QuestionAnswering(FinetuneTask):
     """Start/end span prediction over context windows; SQuAD exact match and F1."""
 
-    name = "question-answering"
     auto_class = "AutoModelForQuestionAnswering"
     cache_version = "question-answering/1"
-    metric_names = METRICS
 
-    def __init__(self, recipe: Recipe) -> None:
-        super().__init__(recipe)
-        assert recipe.question_answering is not None  # the recipe fills in the section for this task
-        self.options = recipe.question_answering
+    def __init__(self, recipe: Recipe, labelled: bool = True) -> None:
+        super().__init__(recipe, labelled)
         self.cls_token_id: int | None = None
         self.specials = 0  # special tokens the tokenizer adds to a (question, context) pair
-
-    def required_columns(self, data: DataSpec) -> dict[str, str]:
-        """Question and context, and the answers when there are labels (the id column is optional)."""
-        columns = {"data.question_column": data.question_column, "data.context_column": data.context_column}
-        if self.labelled:
-            columns["data.answers_column"] = data.answers_column
-        return columns
 
     def model_overrides(self, raw: RawData) -> dict[str, Any]:
         """No config changes (a start and an end logit per token is the default head); but check every answer
@@ -95,15 +83,10 @@ class QuestionAnswering(FinetuneTask):
                     self._answer_chars(answers, example, str(context), role)
         return {}
 
-    def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
+    def setup(self, model: Any, tokenizer: Any) -> None:
         """Refuse a slow tokenizer (no offset mappings) and a stride that leaves no room for new context."""
-        super().setup(data, model, tokenizer)
-        if not getattr(tokenizer, "is_fast", False):
-            raise UserError(
-                f"tokenizer: question-answering needs a fast (Rust) tokenizer for character offsets; "
-                f"{type(tokenizer).__name__} is a slow one: use a model directory with a tokenizer.json "
-                "or set tokenizer.pretrained to one that has it"
-            )
+        super().setup(model, tokenizer)
+        require_fast_tokenizer(tokenizer, self.name, "maps answers to characters of the context")
         if self.options.doc_stride >= self.max_length:
             raise UserError(
                 f"question_answering.doc_stride: {self.options.doc_stride} must be smaller than the window "
@@ -146,79 +129,74 @@ class QuestionAnswering(FinetuneTask):
                 )
         return starts[0], starts[0] + len(texts[0])
 
-    def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
+    def split_stats(self, role: str, raw: Dataset, encoded: Dataset) -> dict[str, Any]:
+        """Questions, and training windows that hold no answer (labelled with CLS)."""
+        stats: dict[str, Any] = {"questions": len(raw)}
+        if self.labelled:
+            starts, cls = values(encoded, "start_positions"), values(encoded, "cls_index")
+            stats["windows_without_answer"] = sum(int(s == c) for s, c in zip(starts, cls, strict=True))
+        return stats
+
+    def _check_questions(self, questions: list[str], ids: list[str], role: str) -> None:
+        """The tokenizer panics (not a Python error) when a question leaves <= stride context tokens."""
+        stride, limit = self.options.doc_stride, self.max_length
+        lengths = self.tokenizer(questions, add_special_tokens=False, verbose=False)["input_ids"]
+        for example, question in zip(ids, lengths, strict=True):
+            if limit - len(question) - self.specials <= stride:
+                raise UserError(
+                    f"data.question_column: the question of example {example!r} ({role} split) is "
+                    f"{len(question)} tokens, leaving no more than question_answering.doc_stride ({stride}) "
+                    f"of the {limit}-token window for context; raise data.max_length or lower doc_stride"
+                )
+
+    def encode(self, rows: dict[str, list[Any]], indices: list[int], role: str) -> dict[str, list[Any]]:
         """Windows of (question, context) tokens with start/end labels (or CLS), and what maps them back.
 
         Every window keeps `index` (its question's row in the raw split) and its CLS position; validation
         windows also keep each token's character offsets in the context (`offset_start` / `offset_end`,
         -100 for tokens that are not context), which evaluation turns into answer text.
         """
-        stride, limit = self.options.doc_stride, self.max_length
-
-        def build(role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
-            def encode(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-                questions = [str(q).lstrip() for q in rows[data.question_column]]  # leading blanks waste window
-                contexts = [str(c) for c in rows[data.context_column]]
-                ids = [str(v) for v in rows[data.id_column]] if data.id_column in rows else [str(i) for i in indices]
-                # The tokenizer panics (not a Python error) when a question leaves <= stride context tokens.
-                lengths = tokenizer(questions, add_special_tokens=False, verbose=False)["input_ids"]
-                for example, question in zip(ids, lengths, strict=True):
-                    if limit - len(question) - self.specials <= stride:
-                        raise UserError(
-                            f"data.question_column: the question of example {example!r} ({role} split) is "
-                            f"{len(question)} tokens, leaving no more than question_answering.doc_stride ({stride}) "
-                            f"of the {limit}-token window for context; raise data.max_length or lower doc_stride"
-                        )
-                enc = tokenizer(
-                    questions,
-                    contexts,
-                    truncation="only_second",
-                    max_length=limit,
-                    stride=stride,
-                    return_overflowing_tokens=True,
-                    return_offsets_mapping=True,
-                    verbose=False,
-                )
-                samples = enc.pop("overflow_to_sample_mapping")
-                offsets = enc.pop("offset_mapping")
-                out: dict[str, list[Any]] = {k: list(v) for k, v in enc.items()}
-                out["index"] = [indices[s] for s in samples]
-                out["cls_index"] = [
-                    row.index(self.cls_token_id) if self.cls_token_id in row else 0 for row in enc["input_ids"]
+        data = self.data
+        questions = [q.lstrip() for q in rows[data.question_column]]  # leading blanks waste window
+        contexts = rows[data.context_column]
+        ids = [str(v) for v in rows[data.id_column]] if data.id_column in rows else [str(i) for i in indices]
+        self._check_questions(questions, ids, role)
+        enc = self.tokenizer(
+            questions,
+            contexts,
+            truncation="only_second",
+            max_length=self.max_length,
+            stride=self.options.doc_stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            verbose=False,
+        )
+        samples = enc.pop("overflow_to_sample_mapping")
+        offsets = enc.pop("offset_mapping")
+        out: dict[str, list[Any]] = {k: list(v) for k, v in enc.items()}
+        out["index"] = [indices[s] for s in samples]
+        out["cls_index"] = [row.index(self.cls_token_id) if self.cls_token_id in row else 0 for row in enc["input_ids"]]
+        sequence_ids = [enc.sequence_ids(w) for w in range(len(samples))]
+        if role == "validation":
+            for key, side in (("offset_start", 0), ("offset_end", 1)):
+                out[key] = [
+                    [o[side] if s == 1 else NOT_CONTEXT for o, s in zip(off, seq, strict=True)]
+                    for off, seq in zip(offsets, sequence_ids, strict=True)
                 ]
-                sequence_ids = [enc.sequence_ids(w) for w in range(len(samples))]
-                if role == "validation":
-                    out["offset_start"] = [
-                        [o[0] if s == 1 else NOT_CONTEXT for o, s in zip(off, seq, strict=True)]
-                        for off, seq in zip(offsets, sequence_ids, strict=True)
-                    ]
-                    out["offset_end"] = [
-                        [o[1] if s == 1 else NOT_CONTEXT for o, s in zip(off, seq, strict=True)]
-                        for off, seq in zip(offsets, sequence_ids, strict=True)
-                    ]
-                if self.labelled:
-                    chars = [
-                        self._answer_chars(a, example, c, role)
-                        for a, example, c in zip(rows[data.answers_column], ids, contexts, strict=True)
-                    ]
-                    positions = [
-                        label_window(offsets[w], sequence_ids[w], *chars[s], out["cls_index"][w])
-                        if chars[s] is not None
-                        else (out["cls_index"][w], out["cls_index"][w])
-                        for w, s in enumerate(samples)
-                    ]
-                    out["start_positions"] = [p[0] for p in positions]
-                    out["end_positions"] = [p[1] for p in positions]
-                return out
-
-            encoded = encode_split(ds, encode, data.num_proc)
-            stats: dict[str, Any] = {"questions": len(ds)}
-            if self.labelled:
-                starts, cls = values(encoded, "start_positions"), values(encoded, "cls_index")
-                stats["windows_without_answer"] = sum(int(s == c) for s, c in zip(starts, cls, strict=True))
-            return encoded, stats
-
-        return self.prepare_rows(raw, tokenizer, build)
+        if self.labelled:
+            chars = [
+                self._answer_chars(a, example, c, role)
+                for a, example, c in zip(rows[data.answers_column], ids, contexts, strict=True)
+            ]
+            positions = [
+                label_window(offsets[w], sequence_ids[w], *chars[s], out["cls_index"][w])
+                if chars[s] is not None
+                else (out["cls_index"][w], out["cls_index"][w])
+                for w, s in enumerate(samples)
+            ]
+            out["start_positions"] = [p[0] for p in positions]
+            out["end_positions"] = [p[1] for p in positions]
+        return out
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One target (a start/end pair) per window."""
@@ -313,3 +291,16 @@ class QuestionAnswering(FinetuneTask):
             {"id": ids[i], "question": str(questions[i]), "answer": a.text, "score": a.score}
             for i, a in self.answers(outputs).items()
         ]
+
+    def scored_pairs(self, outputs: EvalOutputs) -> tuple[list[Any], list[Any]]:
+        """SQuAD-style records, as `evaluate`'s squad metric takes them: {id, prediction_text} and {id, answers}."""
+        assert self.validation_raw is not None
+        ids = example_ids(self.validation_raw, self.data.id_column)
+        gold = values(self.validation_raw, self.data.answers_column)
+        found = self.answers(outputs)
+        predictions = [{"id": ids[i], "prediction_text": a.text} for i, a in found.items()]
+        references = [
+            {"id": ids[i], "answers": {"text": list(gold[i]["text"]), "answer_start": list(gold[i]["answer_start"])}}
+            for i in found
+        ]
+        return predictions, references

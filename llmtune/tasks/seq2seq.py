@@ -15,19 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from llmtune.errors import UserError
 from llmtune.metrics import generation_metrics
-from llmtune.recipe import Seq2SeqSpec
-from llmtune.tasks.base import EvalOutputs, Prepared
-from llmtune.tasks.finetune import FinetuneTask, encode_split, model_inputs, row_lengths, unwrap
-from llmtune.tasks.token_loss import IGNORE, per_example_token_stats, token_loss_sum
+from llmtune.tasks.base import EvalOutputs
+from llmtune.tasks.finetune import FinetuneTask, model_inputs, row_lengths, unwrap
+from llmtune.tasks.generation import cut_at_eos, decode, eos_ids
+from llmtune.tasks.token_loss import per_example_token_stats, token_loss_sum
 
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
 
-    from llmtune.data import RawData
-    from llmtune.recipe import DataSpec
-
-ROUGE_KINDS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    from llmtune.tasks.registry import Seq2SeqSpec
 
 
 def field_values(values: list[Any], column: str, key: str, role: str, first_row: int = 0) -> list[str]:
@@ -53,46 +50,24 @@ def field_values(values: list[Any], column: str, key: str, role: str, first_row:
     return texts
 
 
-def metric_names_for(spec: Seq2SeqSpec) -> tuple[str, ...]:
-    """The metrics a seq2seq evaluation reports for these `seq2seq.metrics`."""
-    names = ["eval/loss", "eval/gen_len"]
-    for metric in spec.metrics:
-        names.extend(f"eval/{kind}" for kind in (ROUGE_KINDS if metric == "rouge" else (metric,)))
-    return tuple(dict.fromkeys(names))
-
-
 class Seq2Seq(FinetuneTask):
     """Encoder-decoder fine-tuning: target-token cross-entropy; BLEU / chrF / ROUGE of generated texts."""
 
-    name = "seq2seq"
     auto_class = "AutoModelForSeq2SeqLM"
     cache_version = "seq2seq/1"
 
-    def __init__(self, recipe: Any) -> None:
-        super().__init__(recipe)
-        self.spec: Seq2SeqSpec = recipe.seq2seq or Seq2SeqSpec()
-        self.tokenizer: Any = None
-
-    @property
-    def metric_names(self) -> tuple[str, ...]:
-        """Loss, mean generated length, and the scores of `seq2seq.metrics`."""
-        return metric_names_for(self.spec)
+    def __init__(self, recipe: Any, labelled: bool = True) -> None:
+        super().__init__(recipe, labelled)
+        self.spec: Seq2SeqSpec = self.options
 
     @property
     def max_new_tokens(self) -> int:
         """The generation budget: `seq2seq.generation_max_length`, else `max_target_length`."""
         return self.spec.generation_max_length or self.spec.max_target_length
 
-    def required_columns(self, data: DataSpec) -> dict[str, str]:
-        """The source column, and the target column when there are targets."""
-        columns = {"data.source_column": data.source_column}
-        if self.labelled:
-            columns["data.target_column"] = data.target_column
-        return columns
-
-    def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
+    def setup(self, model: Any, tokenizer: Any) -> None:
         """Refuse a model that is not an encoder-decoder; keep the tokenizer to decode generations."""
-        super().setup(data, model, tokenizer)
+        super().setup(model, tokenizer)
         config = model.config
         if not getattr(config, "is_encoder_decoder", False):
             raise UserError(
@@ -101,36 +76,34 @@ class Seq2Seq(FinetuneTask):
             )
         if getattr(config, "decoder_start_token_id", None) is None:
             raise UserError("model: the config has no decoder_start_token_id; set model.config.decoder_start_token_id")
-        self.tokenizer = tokenizer
 
     def cache_key(self) -> list[Any]:
         """The prefix and the target length also change the tokenised rows."""
         return [*super().cache_key(), self.spec.source_prefix, self.spec.max_target_length]
 
-    def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
+    def _texts(self, rows: dict[str, list[Any]], column: str, key: str, role: str, indices: list[int]) -> list[str]:
+        return field_values(rows[column.split(".")[0]], column, key, role, indices[0])
+
+    def encode(self, rows: dict[str, list[Any]], indices: list[int], role: str) -> dict[str, list[Any]]:
         """Prefixed, truncated sources; truncated targets as `labels` (padded with -100 per batch); row indices."""
-        prefix, target_length = self.spec.source_prefix, self.spec.max_target_length
+        prefix = self.spec.source_prefix
+        sources = self._texts(rows, self.data.source_column, "data.source_column", role, indices)
+        out = dict(
+            self.tokenizer([prefix + s for s in sources], truncation=True, max_length=self.max_length, verbose=False)
+        )
+        out.pop("token_type_ids", None)  # encoder-decoders take none
+        out["index"] = indices
+        if self.labelled:
+            targets = self._texts(rows, self.data.target_column, "data.target_column", role, indices)
+            labels = self.tokenizer(
+                text_target=targets, truncation=True, max_length=self.spec.max_target_length, verbose=False
+            )
+            out["labels"] = labels["input_ids"]
+        return out
 
-        def build(role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
-            def encode(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-                head = data.source_column.split(".")[0]
-                sources = field_values(rows[head], data.source_column, "data.source_column", role, indices[0])
-                out = dict(
-                    tokenizer([prefix + s for s in sources], truncation=True, max_length=self.max_length, verbose=False)
-                )
-                out.pop("token_type_ids", None)  # encoder-decoders take none
-                out["index"] = indices
-                if self.labelled:
-                    head = data.target_column.split(".")[0]
-                    targets = field_values(rows[head], data.target_column, "data.target_column", role, indices[0])
-                    labels = tokenizer(text_target=targets, truncation=True, max_length=target_length, verbose=False)
-                    out["labels"] = labels["input_ids"]
-                return out
-
-            encoded = encode_split(ds, encode, data.num_proc)
-            return encoded, ({"target_tokens": int(sum(row_lengths(encoded, "labels")))} if self.labelled else {})
-
-        return self.prepare_rows(raw, tokenizer, build)
+    def split_stats(self, role: str, raw: Dataset, encoded: Dataset) -> dict[str, Any]:
+        """Target tokens, with labels."""
+        return {"target_tokens": int(sum(row_lengths(encoded, "labels")))} if self.labelled else {}
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: torch.Tensor) -> torch.Tensor:
         """Summed target-token cross-entropy over the accumulated step's target-token count."""
@@ -148,27 +121,13 @@ class Seq2Seq(FinetuneTask):
         generated = unwrap(model).generate(
             **inputs, num_beams=self.spec.num_beams, max_new_tokens=self.max_new_tokens, do_sample=False
         )
-        values["generated"] = self._trim(unwrap(model), generated[:, 1:])  # rows begin with the decoder start
+        inner = unwrap(model)
+        # Rows begin with the decoder start token; beam search fills finished rows with EOS or pad.
+        values["generated"] = cut_at_eos(generated[:, 1:], eos_ids(inner), inner.config.pad_token_id)
         return values
 
-    @staticmethod
-    def _trim(model: Any, generated: torch.Tensor) -> torch.Tensor:
-        """Generated ids with everything after the first EOS, and padding, set to -100 (beam search fills
-        finished rows with EOS or pad)."""
-        import torch
-
-        eos = model.generation_config.eos_token_id
-        eos = model.config.eos_token_id if eos is None else eos
-        ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
-        ends = torch.isin(generated, torch.tensor(ids, dtype=generated.dtype, device=generated.device))
-        after_end = (ends.cumsum(dim=1) - ends.long()) > 0
-        pad = model.config.pad_token_id
-        padding = generated == pad if pad is not None else torch.zeros_like(ends)
-        return generated.masked_fill(after_end | padding, IGNORE)
-
     def _decode(self, rows: list[list[int]]) -> list[str]:
-        ids = [[t for t in row if t >= 0] for row in rows]
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return [t.strip() for t in decode(self.tokenizer, rows)]
 
     def _raw_texts(self, indices: list[int], column: str, key: str) -> list[str]:
         if self.validation_raw is None:
@@ -189,6 +148,11 @@ class Seq2Seq(FinetuneTask):
             "eval/gen_len": sum(lengths) / max(len(lengths), 1),
             **{f"eval/{k}": v for k, v in scores.items()},
         }
+
+    def scored_pairs(self, outputs: EvalOutputs) -> tuple[list[Any], list[Any]]:
+        """Generated texts and their reference targets, as `evaluate`'s sacrebleu / rouge / bleu take them."""
+        predictions = self._decode(outputs.flat("generated"))
+        return predictions, self._raw_texts(outputs.flat("index"), self.data.target_column, "data.target_column")
 
     def predictions(self, outputs: EvalOutputs) -> list[dict[str, Any]]:
         """Per raw example, in file order: its source text and the generated text."""

@@ -14,18 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from llmtune.errors import UserError
 from llmtune.metrics import classification_metrics, regression_metrics
-from llmtune.tasks.base import EvalOutputs, Prepared
-from llmtune.tasks.finetune import FinetuneTask, encode_split, model_inputs
+from llmtune.tasks.base import EvalOutputs
+from llmtune.tasks.finetune import FinetuneTask, LabelMap, model_inputs
 
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
 
     from llmtune.data import RawData
-    from llmtune.recipe import DataSpec
-
-CLASS_METRICS = ("eval/loss", "eval/accuracy", "eval/macro_f1", "eval/matthews")
-REGRESSION_METRICS = ("eval/loss", "eval/pearson", "eval/spearman", "eval/mse")
 
 
 def is_regression(ds: Dataset, column: str) -> bool:
@@ -47,36 +43,18 @@ def label_map(values: list[Any]) -> dict[str, int]:
 class SequenceClassification(FinetuneTask):
     """Classification (cross-entropy; accuracy, macro-F1, Matthews) or regression (MSE; Pearson, Spearman)."""
 
-    name = "sequence-classification"
     auto_class = "AutoModelForSequenceClassification"
     cache_version = "sequence-classification/1"
 
-    def __init__(self, recipe: Any) -> None:
-        super().__init__(recipe)
-        self.regression = recipe.classification.problem == "regression"
-        self.label2id: dict[str, int] = {}
-
-    @property
-    def metric_names(self) -> tuple[str, ...]:
-        """Class metrics, regression metrics, or both while `problem: auto` has not seen the labels."""
-        problem = self.recipe.classification.problem
-        if problem == "auto":
-            return tuple(dict.fromkeys(CLASS_METRICS + REGRESSION_METRICS))
-        return REGRESSION_METRICS if problem == "regression" else CLASS_METRICS
-
-    def required_columns(self, data: DataSpec) -> dict[str, str]:
-        """The text (and pair) columns, and the label column when there are labels."""
-        columns = {"data.text_column": data.text_column}
-        if data.text_pair_column is not None:
-            columns["data.text_pair_column"] = data.text_pair_column
-        if self.labelled:
-            columns["data.label_column"] = data.label_column
-        return columns
+    def __init__(self, recipe: Any, labelled: bool = True) -> None:
+        super().__init__(recipe, labelled)
+        self.regression = self.options.problem == "regression"
+        self.labels = LabelMap({}, {}, 0)
 
     def model_overrides(self, raw: RawData) -> dict[str, Any]:
         """num_labels and the label maps (or a one-output regression head) from the training labels."""
         train = raw.splits["train"]
-        problem = self.recipe.classification.problem
+        problem = self.options.problem
         if problem == "regression" or (problem == "auto" and is_regression(train, self.data.label_column)):
             return {"num_labels": 1, "problem_type": "regression", "id2label": {0: "score"}, "label2id": {"score": 0}}
         mapping = label_map(train[self.data.label_column])
@@ -92,50 +70,31 @@ class SequenceClassification(FinetuneTask):
             "label2id": mapping,
         }
 
-    def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
+    def setup(self, model: Any, tokenizer: Any) -> None:
         """Read the label map (or regression) from the model's config."""
-        super().setup(data, model, tokenizer)
+        super().setup(model, tokenizer)
         config = model.config
         self.regression = config.problem_type == "regression" or config.num_labels == 1
-        self.label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
-        self.id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
-        self.num_labels = config.num_labels
+        self.labels = LabelMap.from_config(config)
 
     def cache_key(self) -> list[Any]:
         """The label map changes the encoded labels, so it is part of the cache key."""
-        return [*super().cache_key(), self.regression, sorted(self.label2id.items())]
+        return [*super().cache_key(), self.regression, sorted(self.labels.label2id.items())]
 
-    def _label_id(self, value: Any, role: str, row: int) -> int | float:
-        if self.regression:
-            return float(value)
-        if str(value) in self.label2id:
-            return self.label2id[str(value)]
-        if isinstance(value, int) and 0 <= value < self.num_labels:
-            return value  # e.g. a hub checkpoint whose map says LABEL_0, LABEL_1
-        known = ", ".join(self.label2id)
-        raise UserError(
-            f"data.label_column: label {value!r} ({role} split, row {row}) is not in the model's label map "
-            f"({known}); evaluate on data with the labels the model was trained on"
-        )
-
-    def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
+    def encode(self, rows: dict[str, list[Any]], indices: list[int], role: str) -> dict[str, list[Any]]:
         """Tokenised, truncated texts (pairs truncated longest-first), label ids and row indices."""
-
-        def build(role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
-            def encode(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-                texts = [str(t) for t in rows[data.text_column]]
-                pairs = [str(t) for t in rows[data.text_pair_column]] if data.text_pair_column else None
-                out = dict(tokenizer(texts, pairs, truncation=True, max_length=self.max_length, verbose=False))
-                out["index"] = indices
-                if self.labelled:
-                    out["labels"] = [
-                        self._label_id(v, role, i) for v, i in zip(rows[data.label_column], indices, strict=True)
-                    ]
-                return out
-
-            return encode_split(ds, encode, data.num_proc), {}
-
-        return self.prepare_rows(raw, tokenizer, build)
+        data = self.data
+        pairs = rows[data.text_pair_column] if data.text_pair_column else None
+        out = dict(
+            self.tokenizer(rows[data.text_column], pairs, truncation=True, max_length=self.max_length, verbose=False)
+        )
+        out["index"] = indices
+        if self.labelled:
+            out["labels"] = [
+                float(v) if self.regression else self.labels.id_of(v, "data.label_column", role, i)
+                for v, i in zip(rows[data.label_column], indices, strict=True)
+            ]
+        return out
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One target per example."""
@@ -186,4 +145,10 @@ class SequenceClassification(FinetuneTask):
         rows = sorted(zip(outputs.flat("index"), outputs.flat("prediction"), outputs.flat("confidence"), strict=True))
         if self.regression:
             return [{"index": i, "score": p} for i, p, _ in rows]
-        return [{"index": i, "label": self.id2label.get(int(p), str(int(p))), "probability": c} for i, p, c in rows]
+        names = self.labels.id2label
+        return [{"index": i, "label": names.get(int(p), str(int(p))), "probability": c} for i, p, c in rows]
+
+    def scored_pairs(self, outputs: EvalOutputs) -> tuple[list[Any], list[Any]]:
+        """Predicted and reference class ids (or scores), as `evaluate`'s accuracy / f1 / pearsonr take them."""
+        convert = float if self.regression else int
+        return [convert(p) for p in outputs.flat("prediction")], [convert(r) for r in outputs.flat("label")]

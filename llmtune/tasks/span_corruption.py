@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmtune.errors import UserError
-from llmtune.recipe import SpanCorruptionSpec
 from llmtune.tasks.base import EvalOutputs, Prepared
-from llmtune.tasks.packing import blocks_dataset, cached_splits, pack_blocks, require_tokens, token_stream
+from llmtune.tasks.packing import PackedTextTask, blocks_dataset, pack_blocks, require_tokens
 from llmtune.tasks.token_loss import per_example_token_stats, token_loss_sum
 from llmtune.tokenizer_training import sentinel_name
 
@@ -25,9 +24,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from llmtune.data import RawData
-    from llmtune.recipe import DataSpec
-
-_CACHE_VERSION = "span-corruption/1"
+    from llmtune.tasks.registry import SpanCorruptionSpec
 
 
 def _noise_counts(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
@@ -93,40 +90,27 @@ def corrupt(tokens: np.ndarray, noise: np.ndarray, sentinels: np.ndarray, eos: i
     return np.append(inputs, eos), np.append(targets, eos)
 
 
-class SpanCorruption:
+class SpanCorruption(PackedTextTask):
     """T5 span corruption with sentinel tokens; metrics: loss and target-token accuracy."""
 
-    name = "span-corruption"
     auto_class = "AutoModelForSeq2SeqLM"
-    metric_names = ("eval/loss", "eval/token_accuracy", "eval/target_tokens")
+    cache_version = "span-corruption/1"
 
-    def __init__(self, spec: SpanCorruptionSpec | None = None, seed: int = 0) -> None:
-        self.spec = spec or SpanCorruptionSpec()
-        self.seed = seed
+    def __init__(self, recipe: Any, labelled: bool = True) -> None:
+        super().__init__(recipe, labelled)
+        self.spec: SpanCorruptionSpec = self.options
         self.sentinels = np.zeros(0, dtype=np.int64)
         self.eos = self.pad = -1
-        self.raw_length = self.target_length = self.input_length = 0
-
-    def _lengths(self, block_size: int) -> None:
-        s = self.spec
-        self.input_length = block_size
+        self.input_length = self.data.block_size
         self.raw_length, self.target_length = input_and_target_lengths(
-            block_size, s.noise_density, s.mean_noise_span_length
+            self.input_length, self.spec.noise_density, self.spec.mean_noise_span_length
         )
 
-    def required_columns(self, data: DataSpec) -> dict[str, str]:
-        """The text column."""
-        return {"data.text_column": data.text_column}
-
-    def model_overrides(self, raw: RawData) -> dict[str, Any]:
-        """Pretraining builds the model as configured."""
-        return {}
-
-    def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
+    def setup(self, model: Any, tokenizer: Any) -> None:
         """Need EOS and enough `<extra_id_N>` sentinels for the spans of one sequence."""
+        super().setup(model, tokenizer)
         if tokenizer.eos_token_id is None:
             raise UserError("tokenizer: span-corruption needs an EOS token (</s>)")
-        self._lengths(data.block_size)
         _, spans = _noise_counts(self.raw_length, self.spec.noise_density, self.spec.mean_noise_span_length)
         ids = []
         for i in range(spans):
@@ -141,35 +125,29 @@ class SpanCorruption:
         self.sentinels, self.eos = np.array(ids, dtype=np.int64), tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
+    def cache_key(self) -> list[Any]:
+        """Rows are raw chunks of the length that corrupts to block_size."""
+        return [self.cache_version, self.data.text_column, self.raw_length]
+
+    def build_split(self, role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
         """Raw chunks of the length that corrupts to `block_size` encoder tokens (tails dropped)."""
-        self._lengths(data.block_size)
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise UserError("tokenizer: span-corruption needs an EOS token (</s>)")
+        stream = self.stream(ds, self.tokenizer.eos_token_id)
+        require_tokens(role, len(stream), self.raw_length, "raw chunk")
+        blocks = pack_blocks(stream, self.raw_length)
+        extra = {} if role == "train" else {"example_id": np.arange(len(blocks), dtype=np.int64)}
+        return blocks_dataset(blocks, **extra), {"tokens": int(blocks.size)}
 
-        def build(role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
-            stream = token_stream(ds, tokenizer, data.text_column, eos, data.num_proc)
-            require_tokens(role, len(stream), self.raw_length, "raw chunk")
-            blocks = pack_blocks(stream, self.raw_length)
-            extra = {} if role == "train" else {"example_id": np.arange(len(blocks), dtype=np.int64)}
-            return blocks_dataset(blocks, **extra), {"tokens": int(blocks.size)}
-
-        s = self.spec
-        key = [_CACHE_VERSION, data.text_column, self.raw_length]
-        splits, stats = cached_splits(key, raw, tokenizer, data, build)
-        stats.update(
+    def prepare(self, raw: RawData, tokenizer: Any) -> Prepared:
+        """The raw chunks, and the lengths and noise settings for the run log."""
+        prepared = super().prepare(raw, tokenizer)
+        prepared.stats.update(
             raw_chunk=self.raw_length,
             encoder_length=self.input_length,
             decoder_length=self.target_length,
-            noise_density=s.noise_density,
-            mean_noise_span_length=s.mean_noise_span_length,
+            noise_density=self.spec.noise_density,
+            mean_noise_span_length=self.spec.mean_noise_span_length,
         )
-        return Prepared(splits, stats)
-
-    def collator(self, tokenizer: Any) -> None:
-        """Raw chunks are all the same length: default stacking is enough."""
-        return None
+        return prepared
 
     def _corrupt_rows(self, raw: torch.Tensor, rngs: list[np.random.Generator]) -> dict[str, torch.Tensor]:
         import torch

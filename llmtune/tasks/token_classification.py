@@ -24,17 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 from llmtune.errors import UserError
 from llmtune.metrics import entity_metrics
-from llmtune.tasks.base import EvalOutputs, Prepared
-from llmtune.tasks.finetune import FinetuneTask, encode_split, model_inputs
+from llmtune.tasks.base import EvalOutputs
+from llmtune.tasks.finetune import FinetuneTask, LabelMap, model_inputs, require_fast_tokenizer
 
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
 
     from llmtune.data import RawData
-    from llmtune.recipe import DataSpec
 
-METRICS = ("eval/loss", "eval/precision", "eval/recall", "eval/f1", "eval/accuracy")
 # The prefixes each scheme's tags may carry ("O" stands alone).
 SCHEME_PREFIXES = {
     "IOB1": "BI",
@@ -178,30 +176,14 @@ def use_prefix_space(tokenizer: Any) -> bool:
 class TokenClassification(FinetuneTask):
     """NER and other word tagging: cross-entropy per labelled sub-token; entity P/R/F1, word accuracy."""
 
-    name = "token-classification"
     auto_class = "AutoModelForTokenClassification"
     cache_version = "token-classification/1"
-    metric_names = METRICS
 
-    def __init__(self, recipe: Any) -> None:
-        super().__init__(recipe)
-        self.options = recipe.token_classification
-        if self.options.label_all_tokens and self.options.scheme not in ("IOB1", "IOB2"):
-            raise UserError(
-                f"token_classification.label_all_tokens: supported for IOB1/IOB2 tags, not {self.options.scheme}; "
-                "set it to false (only each word's first sub-token is labelled)"
-            )
-        self.label2id: dict[str, int] = {}
-        self.id2label: dict[int, str] = {}
-        self.num_labels = 0
+    def __init__(self, recipe: Any, labelled: bool = True) -> None:
+        super().__init__(recipe, labelled)
+        self.labels = LabelMap({}, {}, 0)
         self.continuation: dict[int, int] = {}
-
-    def required_columns(self, data: DataSpec) -> dict[str, str]:
-        """The words, and the tags when there are labels."""
-        columns = {"data.tokens_column": data.tokens_column}
-        if self.labelled:
-            columns["data.tags_column"] = data.tags_column
-        return columns
+        self.tag_names: list[str] | None = None  # the ClassLabel names of the split being encoded, if any
 
     def model_overrides(self, raw: RawData) -> dict[str, Any]:
         """num_labels and the tag maps from the training tags."""
@@ -215,84 +197,69 @@ class TokenClassification(FinetuneTask):
         check_tags(mapping, self.options.scheme)
         return {"num_labels": len(mapping), "id2label": {i: t for t, i in mapping.items()}, "label2id": mapping}
 
-    def setup(self, data: DataSpec, model: Any, tokenizer: Any) -> None:
+    def setup(self, model: Any, tokenizer: Any) -> None:
         """Refuse a slow tokenizer (no word ids); read the tag maps from the config; prefix spaces for BPE."""
-        super().setup(data, model, tokenizer)
-        if not getattr(tokenizer, "is_fast", False):
-            raise UserError(
-                f"tokenizer: token-classification maps sub-tokens to words, which needs a fast tokenizer; "
-                f"{type(tokenizer).__name__} is a slow one; use one with a tokenizer.json (tokenizer.pretrained)"
-            )
+        super().setup(model, tokenizer)
+        require_fast_tokenizer(tokenizer, self.name, "maps sub-tokens to words")
         use_prefix_space(tokenizer)
-        config = model.config
-        self.label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
-        self.id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
-        self.num_labels = config.num_labels
-        self.continuation = continuation_ids(self.label2id)
+        self.labels = LabelMap.from_config(model.config)
+        self.continuation = continuation_ids(self.labels.label2id)
 
     def cache_key(self) -> list[Any]:
         """The tag map and label alignment also change the tokenised rows."""
-        return [*super().cache_key(), sorted(self.label2id.items()), self.options.model_dump(mode="json")]
+        return [*super().cache_key(), sorted(self.labels.label2id.items()), self.options.model_dump(mode="json")]
 
-    def _tag_id(self, value: Any, names: list[str] | None, role: str, row: int) -> int:
-        if names is not None and isinstance(value, int) and 0 <= value < len(names):
-            value = names[value]
-        if str(value) in self.label2id:
-            return self.label2id[str(value)]
-        if isinstance(value, int) and names is None and 0 <= value < self.num_labels:
-            return value  # integer tags given as the model's own ids
-        raise UserError(
-            f"data.tags_column: tag {value!r} ({role} split, row {row}) is not in the model's label map "
-            f"({', '.join(self.label2id)}); evaluate on data tagged with the tags the model was trained on"
-        )
+    def build_split(self, role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
+        """Encode with the split's own ClassLabel tag names (hub datasets store tags as their indices)."""
+        self.tag_names = class_label_names(ds, self.data.tags_column) if self.labelled else None
+        return super().build_split(role, ds)
 
-    def prepare(self, raw: RawData, tokenizer: Any, data: DataSpec) -> Prepared:
+    def split_stats(self, role: str, raw: Dataset, encoded: Dataset) -> dict[str, Any]:
+        """Words in all, and words truncation (or an empty tokenisation) left without a token."""
+        total = sum(len(words) for words in raw[self.data.tokens_column])
+        kept = sum(sum(1 for s in starts if s >= 0) for starts in encoded["word_starts"])
+        return {"words": total, "words_without_token": total - kept}
+
+    def _check_words(self, words: Any, role: str, row: int) -> None:
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise UserError(
+                f"data.tokens_column: row {row} of the {role} split holds {type(words).__name__}, not a "
+                "list of words; point data.tokens_column at the word lists"
+            )
+        if not words:
+            raise UserError(f"data.tokens_column: row {row} of the {role} split has no words; remove it")
+
+    def _word_labels(self, words: list[str], tags: Any, role: str, row: int) -> list[int]:
+        if not isinstance(tags, list) or len(tags) != len(words):
+            have = len(tags) if isinstance(tags, list) else type(tags).__name__
+            raise UserError(
+                f"data.tags_column: row {row} of the {role} split has {len(words)} words but {have} "
+                "tags; give one tag per word"
+            )
+        return [self.labels.id_of(t, "data.tags_column", role, row, self.tag_names, "tag") for t in tags]
+
+    def encode(self, rows: dict[str, list[Any]], indices: list[int], role: str) -> dict[str, list[Any]]:
         """Tokenised words (truncated), first-sub-token positions, token labels, word labels and row indices."""
-
-        def build(role: str, ds: Dataset) -> tuple[Dataset, dict[str, Any]]:
-            names = class_label_names(ds, data.tags_column) if self.labelled else None
-
-            def encode(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-                batch_words = rows[data.tokens_column]
-                for words, row in zip(batch_words, indices, strict=True):
-                    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-                        raise UserError(
-                            f"data.tokens_column: row {row} of the {role} split holds {type(words).__name__}, not a "
-                            f"list of words; point data.tokens_column at the word lists"
-                        )
-                    if not words:
-                        raise UserError(f"data.tokens_column: row {row} of the {role} split has no words; remove it")
-                enc = tokenizer(
-                    batch_words, is_split_into_words=True, truncation=True, max_length=self.max_length, verbose=False
-                )
-                out: dict[str, list[Any]] = dict(enc)
-                out["index"] = indices
-                ids = [enc.word_ids(i) for i in range(len(batch_words))]
-                out["word_starts"] = [word_starts(w) for w in ids]
-                if self.labelled:
-                    out["labels"], out["word_labels"] = [], []
-                    for i, (words, tags, row) in enumerate(
-                        zip(batch_words, rows[data.tags_column], indices, strict=True)
-                    ):
-                        if not isinstance(tags, list) or len(tags) != len(words):
-                            have = len(tags) if isinstance(tags, list) else type(tags).__name__
-                            raise UserError(
-                                f"data.tags_column: row {row} of the {role} split has {len(words)} words but {have} "
-                                "tags; give one tag per word"
-                            )
-                        labels = [self._tag_id(t, names, role, row) for t in tags]
-                        out["word_labels"].append(labels)
-                        out["labels"].append(
-                            align_labels(ids[i], labels, self.options.label_all_tokens, self.continuation)
-                        )
-                return out
-
-            encoded = encode_split(ds, encode, data.num_proc)
-            total = sum(len(words) for words in ds[data.tokens_column])
-            kept = sum(sum(1 for s in starts if s >= 0) for starts in encoded["word_starts"])
-            return encoded, {"words": total, "words_without_token": total - kept}
-
-        return self.prepare_rows(raw, tokenizer, build)
+        batch_words = rows[self.data.tokens_column]
+        for words, row in zip(batch_words, indices, strict=True):
+            self._check_words(words, role, row)
+        enc = self.tokenizer(
+            batch_words, is_split_into_words=True, truncation=True, max_length=self.max_length, verbose=False
+        )
+        out: dict[str, list[Any]] = dict(enc)
+        out["index"] = indices
+        word_ids = [enc.word_ids(i) for i in range(len(batch_words))]
+        out["word_starts"] = [word_starts(w) for w in word_ids]
+        if self.labelled:
+            tags = rows[self.data.tags_column]
+            out["word_labels"] = [
+                self._word_labels(w, t, role, row) for w, t, row in zip(batch_words, tags, indices, strict=True)
+            ]
+            out["labels"] = [
+                align_labels(ids, labels, self.options.label_all_tokens, self.continuation)
+                for ids, labels in zip(word_ids, out["word_labels"], strict=True)
+            ]
+        return out
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: torch.Tensor) -> torch.Tensor:
         """Cross-entropy summed over the labelled sub-tokens, divided by the accumulated step's count."""
@@ -319,8 +286,8 @@ class TokenClassification(FinetuneTask):
         references, predictions = [], []
         for gold, predicted in zip(outputs.flat("word_labels"), outputs.flat("word_predictions"), strict=True):
             ids = [g for g in gold if g != -100]
-            references.append([self.id2label[g] for g in ids])
-            predictions.append(word_tags(predicted, len(ids), self.id2label))
+            references.append([self.labels.id2label[g] for g in ids])
+            predictions.append(word_tags(predicted, len(ids), self.labels.id2label))
         return references, predictions
 
     def metrics(self, outputs: EvalOutputs) -> dict[str, float]:
@@ -344,10 +311,15 @@ class TokenClassification(FinetuneTask):
         records = []
         for index, predicted in sorted(zip(outputs.flat("index"), outputs.flat("word_predictions"), strict=True)):
             words = all_words[index]
-            tags = word_tags(predicted, len(words), self.id2label)
+            tags = word_tags(predicted, len(words), self.labels.id2label)
             entities = [
                 {"type": kind, "start": start, "end": end, "text": " ".join(words[start:end])}
                 for kind, start, end in entity_spans(tags, self.options.scheme)
             ]
             records.append({"index": index, "words": words, "tags": tags, "entities": entities})
         return records
+
+    def scored_pairs(self, outputs: EvalOutputs) -> tuple[list[Any], list[Any]]:
+        """Predicted and reference tag lists per example, as `evaluate`'s seqeval takes them."""
+        references, predictions = self._tag_rows(outputs)
+        return predictions, references

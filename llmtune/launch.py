@@ -1,0 +1,57 @@
+"""How llmtune was launched (`accelerate launch`, torchrun or plain), and what it does about it.
+
+- A worker rank whose launcher dies must not train on alone: torchrun gives workers sessions of their
+  own, so a kill -9 of the launcher leaves them running (and writing the run directory). Each worker asks
+  the kernel for SIGTERM when its parent dies (`PR_SET_PDEATHSIG`); the trainer turns SIGTERM into a
+  checkpoint and a clean stop on every rank at the same step.
+- FSDP or DeepSpeed asked for (through `accelerate launch`'s flags or config) where accelerate cannot
+  provide it (no GPU): one warning line saying what runs instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+_LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")  # set by torchrun and accelerate launch
+
+
+def launched_as_worker() -> bool:
+    """Whether this process is a rank started by a launcher (torchrun / accelerate launch)."""
+    return any(name in os.environ for name in _LAUNCHER_VARIABLES)
+
+
+def stop_with_launcher() -> bool:
+    """On Linux, have the kernel send this worker SIGTERM when its launcher dies. Returns whether it was set."""
+    if not launched_as_worker() or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+def _asked(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def sharding_warning(distributed_type: Any) -> str | None:
+    """A warning when FSDP / DeepSpeed were asked for but the accelerator runs something else."""
+    got = str(distributed_type).rsplit(".", 1)[-1]
+    for variable, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if _asked(variable) and got != wanted:
+            instead = "plain data parallelism over gloo (DDP)" if got == "MULTI_CPU" else f"{got} (no sharding)"
+            return (
+                f"warning: {wanted} was asked for, but accelerate cannot provide it here (it needs GPUs): "
+                f"training runs {instead} instead"
+            )
+    return None
