@@ -407,10 +407,9 @@ def _checked(ds: Dataset, role: str, columns: list[Required]) -> tuple[Dataset, 
             )
         if need.blank == "allow":
             continue
-        if kind == "text":  # null, empty or whitespace only
-            blank = pc.equal(pc.utf8_trim_whitespace(pc.fill_null(column, "")), "")
-        else:
-            blank = column.is_null()
+        # text: null, empty or whitespace only; other kinds: null
+        text = kind == "text"
+        blank = pc.equal(pc.utf8_trim_whitespace(pc.fill_null(column, "")), "") if text else column.is_null()
         if not pc.any(blank).as_py():
             continue
         if need.blank == "skip":

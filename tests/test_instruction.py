@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from llmtune.batching import pad_collator
+from llmtune.data import load_raw
 from llmtune.errors import UserError
 from llmtune.recipe import build_recipe
 from llmtune.tasks import get_task
-from llmtune.data import load_raw
 from llmtune.tasks.chat import DEFAULT_CHAT_TEMPLATE
 from llmtune.tasks.generation import cut_at_eos, left_align
 from llmtune.tasks.instruction import InstructionTuning

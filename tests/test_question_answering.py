@@ -14,9 +14,9 @@ from llmtune.data import RawData
 from llmtune.errors import UserError
 from llmtune.metrics import normalize_answer, squad_metrics
 from llmtune.recipe import Recipe
+from llmtune.tasks import get_task
 from llmtune.tasks.base import EvalOutputs
 from llmtune.tasks.qa_postprocess import NOT_CONTEXT, WindowCandidates, best_answer
-from llmtune.tasks import get_task
 from llmtune.tasks.question_answering import QuestionAnswering, label_window
 
 X = NOT_CONTEXT

@@ -358,7 +358,7 @@ def test_missing_file_is_user_error(tmp_path: Path) -> None:
 
 
 def test_directory_is_not_a_recipe(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="is a directory; pass the path of a .yaml recipe"):
+    with pytest.raises(UserError, match=r"is a directory; pass the path of a \.yaml recipe"):
         load_recipe(tmp_path)
 
 

@@ -12,8 +12,8 @@ import torch
 
 from llmtune.errors import UserError
 from llmtune.recipe import build_recipe
-from llmtune.tasks.base import EvalOutputs
 from llmtune.tasks import get_task
+from llmtune.tasks.base import EvalOutputs
 from llmtune.tasks.finetune import LabelMap
 from llmtune.tasks.token_classification import (
     TokenClassification,
