@@ -16,7 +16,7 @@ import torch
 from llmtune.recipe import TrainSpec
 from llmtune.tasks.base import Prepared
 from llmtune.tasks.causal_lm import IGNORE
-from tests.conftest import make_task
+from tests.helpers import make_task
 
 SEQ, VOCAB, ROWS = 16, 50, 8
 # Labelled positions per row (the rest of each row's labels are -100, as in an eval window that

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmtune.errors import UserError
-from tests.conftest import TINY_GPT2, run_cli, tiny_recipe, write_recipe
+from tests.helpers import TINY_GPT2, run_cli, tiny_recipe, write_recipe
 
 
 def _pretrain_error(tmp_path: Path, recipe: dict, *overrides: str) -> str:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import (
+from tests.helpers import (
     assert_same_tensors,
+    launch_two_ranks,
     load_tensors,
     read_metrics,
     run_cli,
@@ -202,33 +200,7 @@ def test_two_process_data_parallel_matches_one_process(corpus: dict[str, Path], 
 
     double = tmp_path / "double"
     recipe = write_recipe(tmp_path / "two.yaml", tiny_recipe(corpus, double, train={"max_steps": 12, "batch_size": 4}))
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29517",
-            "-m",
-            "llmtune",
-            "pretrain",
-            str(recipe),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        check=False,
-    )
+    two = launch_two_ranks("pretrain", str(recipe), port=29517)
     assert two.returncode == 0, two.stderr[-3000:]
     env = json.loads((double / "environment.json").read_text())
     assert env["world_size"] == 2 and env["global_batch"] == 8

@@ -10,28 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_same_tensors, read_metrics, run_cli, run_interrupted, tiny_recipe, write_recipe
+from tests.helpers import (
+    assert_same_tensors,
+    read_metrics,
+    run_cli,
+    run_interrupted,
+    tiny_config,
+    tiny_recipe,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
-BERT = {
-    "model_type": "bert",
-    "num_hidden_layers": 2,
-    "hidden_size": 32,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
-T5 = {
-    "model_type": "t5",
-    "num_layers": 2,
-    "num_decoder_layers": 2,
-    "d_model": 32,
-    "d_ff": 64,
-    "d_kv": 16,
-    "num_heads": 2,
-}
 
+# BERT's and T5's default dropout (0.1): exact resume must restore the dropout RNG too
+BERT = tiny_config("bert", max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+T5 = tiny_config("t5", dropout_rate=0.1)
 FAMILIES = {
     "masked-lm": {"model": BERT, "tokenizer": {"kind": "wordpiece", "vocab_size": 400, "lowercase": True}},
     "span-corruption": {"model": T5, "tokenizer": {"kind": "unigram", "vocab_size": 400, "num_sentinels": 20}},

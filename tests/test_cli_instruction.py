@@ -4,7 +4,6 @@ of a tiny GPT-2 checkpoint; eval, predict, and the refusals."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -12,62 +11,29 @@ import pytest
 import torch
 
 from llmtune.errors import UserError
-from tests.conftest import _ADJ, _NOUNS, _VERBS, read_metrics, run_cli, write_recipe
+from tests.helpers import (
+    ADJECTIVES,
+    NOUNS,
+    VERBS,
+    instruction_pairs,
+    instruction_recipe,
+    read_metrics,
+    run_cli,
+    write_jsonl,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
-VERB_OF = dict(zip(_NOUNS, _VERBS, strict=True))  # the mapping to learn: noun -> verb
 TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"  # the recipe default
-
-
-def pairs(n: int, seed: int) -> list[dict[str, str]]:
-    """Prompts naming an (adjective, noun); the response is the noun's verb."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        noun = rng.choice(_NOUNS)
-        rows.append({"prompt": f"the {rng.choice(_ADJ)} {noun}", "response": VERB_OF[noun]})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """Rows as JSON lines."""
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def instruction_recipe(model: Path, root: Path, out: Path, **data: Any) -> dict[str, Any]:
-    """A prompt/response recipe on the tiny GPT-2 checkpoint."""
-    return {
-        "task": "causal-lm",
-        "model": {"pretrained": str(model)},
-        "data": {
-            "files": {"train": str(root / "train.jsonl"), "validation": str(root / "valid.jsonl")},
-            "prompt_column": "prompt",
-            "response_column": "response",
-            "max_length": 64,
-            **data,
-        },
-        "instruction": {"max_new_tokens": 6},
-        "train": {
-            "max_steps": 40,
-            "batch_size": 8,
-            "lr": 5e-3,
-            "log_every": 5,
-            "eval_every": 20,
-            "seed": 0,
-            "schedule": {"kind": "constant", "warmup_steps": 0},
-        },
-        "output_dir": str(out),
-    }
 
 
 @pytest.fixture(scope="module")
 def run(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One prompt/response fine-tuning run shared by the checks below."""
     root = tmp_path_factory.mktemp("instruction")
-    write_jsonl(root / "train.jsonl", pairs(240, seed=1))
-    write_jsonl(root / "valid.jsonl", pairs(24, seed=2))
+    write_jsonl(root / "train.jsonl", instruction_pairs(240, seed=1))
+    write_jsonl(root / "valid.jsonl", instruction_pairs(24, seed=2))
     out = root / "run"
     recipe = write_recipe(root / "r.yaml", instruction_recipe(tiny_models["gpt2"], root, out))
     done = run_cli("finetune", str(recipe))
@@ -89,7 +55,7 @@ def test_training_learns_and_final_loads(run: dict[str, Any]) -> None:
     tok = AutoTokenizer.from_pretrained(str(out / "final"))
     # The response loss with plain transformers: prompt tokens masked, the response and its EOS counted.
     nll, counted = 0.0, 0
-    for row in pairs(24, seed=2):
+    for row in instruction_pairs(24, seed=2):
         prompt = tok(TEMPLATE.format(prompt=row["prompt"]))["input_ids"]
         response = [*tok(row["response"], add_special_tokens=False)["input_ids"], tok.eos_token_id]
         labels = torch.tensor([[-100] * len(prompt) + response])
@@ -111,7 +77,7 @@ def test_training_learns_and_final_loads(run: dict[str, Any]) -> None:
 
 def test_predict_generates_responses(run: dict[str, Any]) -> None:
     assert run["done"].returncode == 0, run["done"].stderr[-3000:]
-    prompts = [{"prompt": f"the {adj} {noun}"} for adj, noun in zip(_ADJ, _NOUNS, strict=True)]  # no responses
+    prompts = [{"prompt": f"the {adj} {noun}"} for adj, noun in zip(ADJECTIVES, NOUNS, strict=True)]  # no responses
     data = write_jsonl(run["root"] / "prompts.jsonl", prompts)
     target = run["root"] / "predictions.jsonl"
     done = run_cli("predict", str(run["out"]), "--data", str(data), "--output", str(target))
@@ -121,14 +87,14 @@ def test_predict_generates_responses(run: dict[str, Any]) -> None:
     assert [r["prompt"] for r in records] == [p["prompt"] for p in prompts]
     # 40 steps teach the tiny model the answers' form (one verb, then EOS: generation stops there), not
     # yet which verb goes with which noun.
-    assert {r["response"] for r in records} <= set(_VERBS), records
+    assert {r["response"] for r in records} <= set(VERBS), records
 
 
 def test_chat_messages_run(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     def chats(n: int, seed: int) -> list[dict[str, Any]]:
         return [
             {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
-            for r in pairs(n, seed)
+            for r in instruction_pairs(n, seed)
         ]
 
     write_jsonl(tmp_path / "train.jsonl", chats(160, seed=3))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import read_metrics, run_cli, synthetic_documents, write_recipe
+from tests.helpers import read_metrics, run_cli, synthetic_documents, write_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -3,84 +3,34 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import read_metrics, run_cli, write_recipe
+from tests.helpers import (
+    read_metrics,
+    run_cli,
+    seq2seq_recipe,
+    translation_pairs,
+    write_jsonl,
+    write_parallel,
+    write_recipe,
+)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread_cli")]
 
 # A toy "language": each word (a single token of the tiny tokenizer) translates to a fixed other word,
 # in place, so a tiny T5 learns it within a few dozen steps.
-WORDS = ["parser", "module", "function", "class", "list", "string", "token", "frame", "thread", "socket"]
-LEXICON = {w: WORDS[(i + 3) % len(WORDS)] for i, w in enumerate(WORDS)}
-SEQ2SEQ = {"num_beams": 2, "max_target_length": 16, "metrics": ["bleu", "chrf", "rouge"]}
-
-
-def pairs(n: int, seed: int) -> list[tuple[str, str]]:
-    """Sentences of 2-3 words and their word-by-word translations."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 3))]
-        out.append((" ".join(words), " ".join(LEXICON[w] for w in words)))
-    return out
-
-
-def write_parallel(root: Path, name: str, rows: list[tuple[str, str]]) -> list[str]:
-    """`name.src` / `name.tgt`, line-aligned."""
-    src, tgt = root / f"{name}.src", root / f"{name}.tgt"
-    src.write_text("".join(s + "\n" for s, _ in rows), encoding="utf-8")
-    tgt.write_text("".join(t + "\n" for _, t in rows), encoding="utf-8")
-    return [str(src), str(tgt)]
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """One JSON object per line."""
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def seq2seq_recipe(model: Path, data: dict[str, Any], out: Path, **train_keys: Any) -> dict[str, Any]:
-    """A few dozen steps of seq2seq on the tiny T5."""
-    return {
-        "task": "seq2seq",
-        "model": {"pretrained": str(model)},
-        "data": data,
-        "seq2seq": dict(SEQ2SEQ),
-        "train": {
-            "max_steps": 80,
-            "batch_size": 16,
-            "lr": 1e-2,
-            "log_every": 5,
-            "eval_every": 40,
-            "seed": 0,
-            "schedule": {"kind": "linear", "warmup_steps": 5},
-            **train_keys,
-        },
-        "output_dir": str(out),
-    }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_cli() -> Any:
-    """One intra-op thread in the CLI subprocesses: tiny models gain nothing from more, and on a busy
-    machine the thread pool's contention makes each step ~10x slower."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("toy-mt")
-    valid = pairs(24, seed=2)
+    valid = translation_pairs(24, seed=2)
     return {
         "root": root,
-        "train": write_parallel(root, "train", pairs(480, seed=1)),
+        "train": write_parallel(root, "train", translation_pairs(480, seed=1)),
         "valid": write_parallel(root, "valid", valid),
         "valid_rows": valid,
     }

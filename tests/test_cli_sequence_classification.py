@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 from typing import Any
@@ -11,55 +10,20 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import load_tensors, read_metrics, run_cli, run_cli_in_process, write_recipe
+from tests.helpers import (
+    classification_recipe,
+    launch_two_ranks,
+    load_tensors,
+    read_metrics,
+    run_cli,
+    run_cli_in_process,
+    sentiment_rows,
+    tiny_config,
+    write_recipe,
+    write_tsv,
+)
 
 pytestmark = pytest.mark.slow
-
-POSITIVE = ["parser", "module", "function", "class", "list"]
-NEGATIVE = ["string", "token", "frame", "thread", "socket"]
-
-
-def sentiment_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    """Sentences whose label is decided by the noun they contain: learnable by a tiny model in a few steps.
-
-    The number of adjectives varies independently of the label, so that length-grouped batches (which
-    sort by length) still mix both labels: if length gave the label away, every batch would hold one class.
-    """
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        positive = rng.random() < 0.5
-        noun = rng.choice(POSITIVE if positive else NEGATIVE)
-        adjectives = " ".join(rng.choices(["empty", "small", "nested", "lazy", "sorted"], k=rng.randint(0, 4)))
-        sentence = f"The {adjectives} {noun} returns a value.".replace("  ", " ")
-        rows.append({"sentence": sentence, "label": "pos" if positive else "neg"})
-    return rows
-
-
-def write_tsv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...] = ("sentence", "label")) -> Path:
-    """A GLUE-style tab-separated file with a header row."""
-    lines = ["\t".join(columns), *("\t".join(str(r[c]) for c in columns) for r in rows)]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def classification_recipe(model: Path, train: Path, valid: Path, out: Path, **train_keys: Any) -> dict[str, Any]:
-    """A few dozen steps of sequence classification on the tiny checkpoint."""
-    return {
-        "task": "sequence-classification",
-        "model": {"pretrained": str(model)},
-        "data": {"files": {"train": str(train), "validation": str(valid)}, "text_column": "sentence"},
-        "train": {
-            "max_steps": 40,
-            "batch_size": 16,
-            "lr": 1e-2,
-            "log_every": 5,
-            "seed": 0,
-            "schedule": {"kind": "constant", "warmup_steps": 2},
-            **train_keys,
-        },
-        "output_dir": str(out),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -226,24 +190,11 @@ def test_bad_input_is_one_line_and_writes_nothing(
 
 
 def test_two_process_evaluation_counts_each_example_once(full_run: Path, tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
 
     predictions = tmp_path / "p.jsonl"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", "29519"]
     # 64 dev rows in batches of 5 per rank: the last global batch is padded by accelerate with repeats
-    command = [*launch, "-m", "llmtune", "eval", str(full_run), "--json", "--batch-size", "5"]
-    done = subprocess.run(
-        [*command, "--predictions", str(predictions)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        check=False,
-    )
+    args = ["eval", str(full_run), "--json", "--batch-size", "5", "--predictions", str(predictions)]
+    done = launch_two_ranks(*args, port=29519)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)  # one JSON document: only the main process prints
     final = json.loads((full_run / "final_metrics.json").read_text())
@@ -256,12 +207,10 @@ def test_two_process_evaluation_counts_each_example_once(full_run: Path, tmp_pat
 def test_finetune_from_a_pretraining_run_directory(
     data: dict[str, Path], corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.test_cli_encoder_pretraining import BERT
-
     pretrained = tmp_path / "mlm"
     recipe = {
         "task": "masked-lm",
-        "model": {"from_scratch": BERT},
+        "model": {"from_scratch": tiny_config("bert")},
         "tokenizer": {"train": {"kind": "wordpiece", "vocab_size": 400, "lowercase": True}},
         "data": {"files": {"train": str(corpus["train"]), "validation": str(corpus["valid"])}, "block_size": 32},
         "train": {"max_steps": 4, "batch_size": 8, "log_every": 2},

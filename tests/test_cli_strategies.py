@@ -16,29 +16,28 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import load_tensors, read_metrics, run_cli, run_cli_in_process, write_recipe
-from tests.test_cli_instruction import instruction_recipe, write_jsonl
-from tests.test_cli_instruction import pairs as instruction_pairs
-from tests.test_cli_seq2seq import pairs as translation_pairs
-from tests.test_cli_seq2seq import seq2seq_recipe, write_parallel
-from tests.test_cli_sequence_classification import classification_recipe, sentiment_rows, write_tsv
+from tests.helpers import (
+    classification_recipe,
+    instruction_pairs,
+    instruction_recipe,
+    load_tensors,
+    read_metrics,
+    run_cli,
+    run_cli_in_process,
+    sentiment_rows,
+    seq2seq_recipe,
+    tiny_config,
+    translation_pairs,
+    write_jsonl,
+    write_parallel,
+    write_recipe,
+    write_tsv,
+)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread_cli")]
 
 LORA = {"kind": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}
 SENTENCES = ["The small parser returns a value.", "The lazy socket returns a value.", "The list returns a value."]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_cli() -> Any:
-    """One intra-op thread, in the CLI subprocesses and in this process (for the in-process CLI calls):
-    tiny models gain nothing from more, and on a busy machine thread contention makes each step much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -375,15 +374,6 @@ def test_export_merge_refuses_what_cannot_merge(
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
-SCRATCH_BERT = {
-    "model_type": "bert",
-    "num_hidden_layers": 2,
-    "hidden_size": 32,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-}
-
-
 @pytest.mark.parametrize(
     ("strategy", "message"),
     [
@@ -410,7 +400,7 @@ def test_bad_strategy_is_one_line_and_writes_nothing(
     out = tmp_path / "out"
     recipe = _bert_recipe(tiny_models, sst, out, strategy, max_steps=2)
     if strategy.pop("from_scratch", False):
-        recipe["model"] = {"from_scratch": SCRATCH_BERT}
+        recipe["model"] = {"from_scratch": tiny_config("bert")}
         recipe["tokenizer"] = {"pretrained": str(tiny_models["bert"])}
     line = _refused(capsys, "finetune", str(write_recipe(tmp_path / "r.yaml", recipe)))
     assert re.search(message, line), line

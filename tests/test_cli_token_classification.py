@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import read_metrics, run_cli, write_recipe
+from tests.helpers import read_metrics, run_cli, write_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -43,7 +43,7 @@ def word_tokenizer() -> Any:
 def bpe_tokenizer() -> Any:
     """A GPT-2-style byte-level BPE tokenizer (`<|endoftext|>` is EOS and PAD)."""
     from llmtune.tokenizer_training import train_byte_level_bpe
-    from tests.conftest import synthetic_documents
+    from tests.helpers import synthetic_documents
 
     return train_byte_level_bpe([*synthetic_documents(50), "two plus four three five one"], 300, 1, [])
 

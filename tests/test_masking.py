@@ -17,7 +17,7 @@ from llmtune.recipe import MaskingSpec, build_recipe
 from llmtune.tasks.base import EvalOutputs
 from llmtune.tasks.masked_lm import IGNORE, MaskedLM, continuation_table
 from llmtune.tokenizer_training import train_byte_level_bpe, train_wordpiece
-from tests.conftest import _ADJ, _NOUNS, _VERBS, make_task, synthetic_documents
+from tests.helpers import ADJECTIVES, NOUNS, VERBS, make_task, synthetic_documents
 
 BLOCK = 64
 
@@ -132,7 +132,7 @@ def test_masking_statistics_match_bert(tok: Any, bert: Any, data_spec: dict[str,
 def test_special_tokens_and_padding_never_chosen(tok: Any, bert: Any, data_spec: dict[str, Any]) -> None:
     rng = random.Random(0)
     texts = [
-        " ".join(rng.choice(_NOUNS + _VERBS + _ADJ) for _ in range(rng.randint(1, 40))) + " [MASK] [UNK]"
+        " ".join(rng.choice(NOUNS + VERBS + ADJECTIVES) for _ in range(rng.randint(1, 40))) + " [MASK] [UNK]"
         for _ in range(16)
     ]
     batch = padded_batch(tok, texts)
@@ -191,7 +191,7 @@ def split_words(words: list[list[tuple[int, int]]], chosen: torch.Tensor) -> int
 def multi_piece_batch(tok: Any) -> dict[str, torch.Tensor]:
     """Rows full of compound words the vocabulary splits into several pieces (e.g. 'parsersocket')."""
     rng = random.Random(1)
-    words = _NOUNS + _VERBS + _ADJ
+    words = NOUNS + VERBS + ADJECTIVES
     texts = []
     for _ in range(32):
         row = []

@@ -11,7 +11,7 @@ import pytest
 
 from llmtune.data import RawData
 from llmtune.tasks.causal_lm import IGNORE, CausalLM, pack_blocks, sliding_windows
-from tests.conftest import make_task
+from tests.helpers import make_task
 
 DOCS = [
     "The small parser returns a sorted list.",

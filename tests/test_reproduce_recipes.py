@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llmtune.recipe import load_recipe
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = [p for p in sorted((ROOT / "recipes").glob("*.yaml")) if load_recipe(p).data.source is not None]

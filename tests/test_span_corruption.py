@@ -19,7 +19,7 @@ from llmtune.tasks.span_corruption import (
     random_spans_noise_mask,
 )
 from llmtune.tokenizer_training import sentinel_name, train_byte_level_bpe, train_unigram, train_wordpiece
-from tests.conftest import make_task, synthetic_documents
+from tests.helpers import make_task, synthetic_documents
 
 BLOCK = 64
 EOS = 1

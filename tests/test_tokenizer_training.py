@@ -15,7 +15,7 @@ from llmtune.tokenizer_training import (
     train_unigram,
     train_wordpiece,
 )
-from tests.conftest import synthetic_documents
+from tests.helpers import synthetic_documents
 
 TEXTS = ["The lazy parser returns a sorted token.", "The nested socket joins a frozen thread.", "module"]
 
