@@ -40,6 +40,13 @@ def stop_with_launcher() -> bool:
     return True
 
 
+_RUNS_INSTEAD = {
+    "NO": "in one process without sharding",
+    "MULTI_CPU": "plain data parallelism (DDP over gloo), without sharding",
+    "MULTI_GPU": "plain DDP, without sharding",
+}
+
+
 def _asked(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
@@ -49,7 +56,7 @@ def sharding_warning(distributed_type: Any) -> str | None:
     got = str(distributed_type).rsplit(".", 1)[-1]
     for variable, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
         if _asked(variable) and got != wanted:
-            instead = "plain data parallelism over gloo (DDP)" if got == "MULTI_CPU" else f"{got} (no sharding)"
+            instead = _RUNS_INSTEAD.get(got, f"{got} (no sharding)")
             return (
                 f"warning: {wanted} was asked for, but accelerate cannot provide it here (it needs GPUs): "
                 f"training runs {instead} instead"
