@@ -7,17 +7,15 @@ answers without touching torch.
 """
 
 from llmtune.recipe.loading import build_recipe, dump_recipe, load_recipe, parse_override, read_yaml
-from llmtune.recipe.schema import (
+from llmtune.recipe.schema import GENERAL_KEYS, DataSpec, Recipe
+from llmtune.sections import (
     BUILTIN_PREFIX,
-    GENERAL_KEYS,
     STRATEGY_KEYS,
     Bound,
-    DataSpec,
     EarlyStoppingSpec,
     MetricModuleSpec,
     ModelSpec,
     OptimizerSpec,
-    Recipe,
     ScheduleSpec,
     Section,
     StrategySpec,

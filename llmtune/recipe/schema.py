@@ -14,40 +14,16 @@ from typing import Any
 from pydantic import Field, create_model, field_validator, model_validator
 
 from llmtune.sections import (
-    BUILTIN_PREFIX,
-    STRATEGY_KEYS,
     Bound,
     DataSpecBase,
-    EarlyStoppingSpec,
     MetricModuleSpec,
     ModelSpec,
-    OptimizerSpec,
-    ScheduleSpec,
     Section,
     StrategySpec,
     TokenizerSpec,
-    TokenizerTrainSpec,
     TrainSpec,
 )
 from llmtune.tasks.registry import Metric, TaskEntry, all_columns, option_sections, recipe_tasks, task_entry
-
-__all__ = [
-    "BUILTIN_PREFIX",
-    "STRATEGY_KEYS",
-    "Bound",
-    "DataSpec",
-    "EarlyStoppingSpec",
-    "MetricModuleSpec",
-    "ModelSpec",
-    "OptimizerSpec",
-    "Recipe",
-    "ScheduleSpec",
-    "Section",
-    "StrategySpec",
-    "TokenizerSpec",
-    "TokenizerTrainSpec",
-    "TrainSpec",
-]
 
 DataSpec = create_model(
     "DataSpec",
