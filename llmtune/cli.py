@@ -101,7 +101,7 @@ def eval_(
     text_column: Annotated[str | None, typer.Option(help="Column holding the text (data.text_column).")] = None,
     block_size: Annotated[int | None, typer.Option(help="Window length; default the run's or the model's.")] = None,
     stride: Annotated[int | None, typer.Option(help="Sliding-window stride; default the window length.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples (windows) per batch.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples (windows) per batch.")] = 8,
     task: TaskOption = None,
     set_: EvalSetOption = None,
     output: Annotated[str | None, typer.Option(help="Also write the metrics JSON here.")] = None,
@@ -149,7 +149,7 @@ def predict(
     data: DataOption = None,
     split: SplitOption = "validation",
     data_config: DataConfigOption = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per batch.")] = 8,
     task: TaskOption = None,
     set_: EvalSetOption = None,
 ) -> None:

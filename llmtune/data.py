@@ -232,6 +232,8 @@ def _check_json(path: Path) -> None:
     except json.JSONDecodeError as whole:
         first_error = whole
     lines = text.splitlines()
+    if not text.strip():
+        raise UserError(f"{path}: only blank lines, no JSON rows; give it some rows or remove it")
     if len([line for line in lines if line.strip()]) < 2:  # one document, broken
         raise UserError(
             f"{path}, line {first_error.lineno}: not valid JSON ({first_error.msg}); fix the file or its extension"
@@ -259,14 +261,19 @@ def _check_rows(path: Path, delimiter: str, quoting: int) -> None:
         header = next(reader, None)
         if header is None:
             return
+        rows = 0
         for row in reader:
             if row and len(row) != len(header):
                 name = "TSV" if delimiter == "\t" else "CSV"
+                fields = f"{len(row)} field{'s' if len(row) != 1 else ''}"
                 raise UserError(
-                    f"{path}, line {reader.line_num}: {len(row)} fields but the header has {len(header)} "
+                    f"{path}, line {reader.line_num}: {fields} but the header has {len(header)} "
                     f"({', '.join(header)}); every {name} row needs one value per column"
                     + (" (quote values that contain a comma)" if delimiter == "," else "")
                 )
+            rows += bool(row)
+        if not rows:
+            raise UserError(f"{path}: only a header row ({', '.join(header)}), no data rows; give it some rows")
 
 
 def _load_hub(spec: DataSpec, split: str) -> tuple[Dataset, str]:
@@ -335,6 +342,8 @@ def load_raw(
         loaded[role], skipped = _checked(ds, role, columns)
         if skipped:
             stats[f"{role}_skipped_blank"] = skipped
+        if len(loaded[role]) == 0:
+            raise UserError(f"data: every document of the {role} split is blank ({skipped} skipped); give it some text")
     if "validation" in splits and "validation" not in loaded:
         loaded["train"], loaded["validation"] = _carve(loaded["train"], spec)
         prints.append(f"carved={spec.validation_fraction}/{spec.split_seed}")
@@ -360,6 +369,7 @@ def _carve(train: Dataset, spec: DataSpec) -> tuple[Dataset, Dataset]:
 
 
 _KINDS = {"text": "text", "scalar": "a label (a string or a number)", "list": "a list", "any": "a value"}
+_A_KIND = {"text": "text", "number": "a number", "list": "a list", "mapping": "a mapping"}
 
 
 def _cell_kind(arrow_type: Any) -> str:
@@ -371,9 +381,76 @@ def _cell_kind(arrow_type: Any) -> str:
         return "number"
     if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
         return "list"
+    if pa.types.is_struct(arrow_type):
+        return "mapping"
     if pa.types.is_null(arrow_type):
         return "null"
+    if getattr(arrow_type, "extension_name", None) == "arrow.json":
+        return "json"
     return str(arrow_type)
+
+
+def _value_kind(value: Any) -> str:
+    """The kind of one decoded JSON value, named as `_cell_kind` names column types."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (bool, int, float)):
+        return "number"
+    return "list" if isinstance(value, list) else "mapping"
+
+
+def _fits(cells: str, kind: str) -> bool:
+    return {"text": kind == "text", "scalar": kind in ("text", "number"), "list": kind == "list"}.get(cells, True)
+
+
+def _json_blank(need: Required, role: str, column: Any) -> Any:
+    """A column of JSON values of several kinds (datasets stores those as JSON text): refuse the first cell of
+    the wrong kind by its row, labels that mix text and numbers, and nulls inside lists; the mask of its null
+    and whitespace-only cells."""
+    import pyarrow as pa
+
+    values = [None if cell is None else json.loads(cell) for cell in column.to_pylist()]
+    seen: dict[str, int] = {}  # kind -> the first row holding one
+    for row, value in enumerate(values):
+        kind = _value_kind(value)
+        if kind == "null":
+            continue
+        if not _fits(need.cells, kind):
+            raise UserError(
+                f"{need.key}: column {need.column!r} holds {_A_KIND[kind]} in row {row} of the {role} split, not "
+                f"{_KINDS[need.cells]}; fix that row (and any like it) or point the key at the right column"
+            )
+        if need.cells == "scalar" and seen and kind not in seen:
+            first_kind, first_row = next(iter(seen.items()))
+            raise UserError(
+                f"{need.key}: column {need.column!r} mixes labels of two kinds in the {role} split "
+                f"({_A_KIND[first_kind]} in row {first_row}, {_A_KIND[kind]} in row {row}); write every label alike"
+            )
+        if kind == "list" and None in value:
+            raise _null_item_error(need, role, row, value.index(None))
+        seen.setdefault(kind, row)
+    return pa.array([v is None or (isinstance(v, str) and not v.strip()) for v in values])
+
+
+def _null_item_error(need: Required, role: str, row: int, position: int) -> UserError:
+    return UserError(
+        f"{need.key}: column {need.column!r} has a null at position {position} of the list in row {row} of the "
+        f"{role} split; fill it or remove that row"
+    )
+
+
+def _null_item(column: Any) -> tuple[int, int] | None:
+    """(row, position) of the first null inside a cell of a list column, or None."""
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks()
+    nulls = pc.list_flatten(column).is_null()
+    if not pc.any(nulls).as_py():
+        return None
+    row = pc.list_parent_indices(column)[pc.indices_nonzero(nulls)[0].as_py()].as_py()
+    return row, column[row].as_py().index(None)
 
 
 def _checked(ds: Dataset, role: str, columns: list[Required]) -> tuple[Dataset, int]:
@@ -399,18 +476,20 @@ def _checked(ds: Dataset, role: str, columns: list[Required]) -> tuple[Dataset, 
         kind = _cell_kind(column.type)
         if kind == "null":  # every cell empty: the type is not known
             raise UserError(f"{need.key}: column {need.column!r} is empty in every row of the {role} split; fill it")
-        fits = {"text": kind == "text", "scalar": kind in ("text", "number"), "list": kind == "list"}
-        if not fits.get(need.cells, True):
+        if kind == "json":  # values of several kinds (JSON lines): each cell is checked
+            blank = _json_blank(need, role, column)
+        elif not _fits(need.cells, kind):
             raise UserError(
                 f"{need.key}: column {need.column!r} of the {role} split holds {kind} values, not "
                 f"{_KINDS[need.cells]}; point the key at the right column or fix the data"
             )
-        if need.blank == "allow":
-            continue
-        # text: null, empty or whitespace only; other kinds: null
-        text = kind == "text"
-        blank = pc.equal(pc.utf8_trim_whitespace(pc.fill_null(column, "")), "") if text else column.is_null()
-        if not pc.any(blank).as_py():
+        elif kind == "list" and (found := _null_item(column)) is not None:
+            raise _null_item_error(need, role, *found)
+        elif kind == "text":  # null, empty or whitespace only
+            blank = pc.equal(pc.utf8_trim_whitespace(pc.fill_null(column, "")), "")
+        else:
+            blank = column.is_null()
+        if need.blank == "allow" or not pc.any(blank).as_py():
             continue
         if need.blank == "skip":
             skip = blank if skip is None else pc.or_(skip, blank)

@@ -64,8 +64,10 @@ def _eval_recipe(ref: ModelRef, args: EvalArgs, config: Any) -> Recipe:
     `--task` naming another task than the run's, only the data's source is kept.
     """
     from llmtune.recipe import GENERAL_KEYS, build_recipe
-    from llmtune.tasks.registry import task_entry
+    from llmtune.tasks.registry import recipe_tasks, task_entry
 
+    if args.task is not None and args.task not in recipe_tasks():
+        raise UserError(f"--task {args.task}: no such task; choose one of {', '.join(recipe_tasks())}")
     if ref.recipe is not None:
         tree = ref.recipe.model_dump(mode="json", include=set(GENERAL_KEYS) | {ref.recipe.entry.section or "task"})
         tree.pop("expect", None)
@@ -226,14 +228,14 @@ def generate(
     from llmtune.modeling import load_for_inference
     from llmtune.tasks.generation import cut_at_eos, decode, eos_ids
 
+    do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
+    if not do_sample and num_return > 1:
+        raise UserError("--num-return > 1 needs sampling; add --sample")
     ref = resolve_model(model_name)
     quiet_libraries()
     strategy = ref.recipe.strategy if ref.recipe is not None else None
     model, tokenizer = load_for_inference(ref.model, "AutoModelForCausalLM", "generate", strategy=strategy)
     model.eval()
-    do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
-    if not do_sample and num_return > 1:
-        raise UserError("--num-return > 1 needs sampling; add --sample")
     set_seed(seed)
     inputs = tokenizer(prompt, return_tensors="pt")
     if inputs["input_ids"].shape[1] == 0:

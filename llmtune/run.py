@@ -73,6 +73,8 @@ def _check_output_dir(run: RunDir, resume: bool, overwrite: bool) -> str:
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"output_dir {run.root} is a file, not a directory; choose another output_dir")
     existing = next(p for p in (run.root, *run.root.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"output_dir {run.root}: {existing} is a file, not a directory; choose another output_dir")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"output_dir {run.root}: {existing} is not writable; choose an output_dir you can write to")
     run.refuse_if_in_use()

@@ -107,7 +107,12 @@ class QuestionAnswering(FinetuneTask):
                 f"data.answers_column: example {example!r} ({role} split): {key!r} must be "
                 f"{{text: [...], answer_start: [...]}}, got {answers!r}"
             )
-        texts, starts = list(answers["text"] or []), list(answers["answer_start"] or [])
+        texts, starts = ([] if answers[k] is None else answers[k] for k in ("text", "answer_start"))
+        if not isinstance(texts, (list, tuple)) or not isinstance(starts, (list, tuple)):  # e.g. one answer unlisted
+            raise UserError(
+                f"data.answers_column: example {example!r} ({role} split): {key!r} must be "
+                f"{{text: [...], answer_start: [...]}} (lists, one item per answer), got {answers!r}"
+            )
         if len(texts) != len(starts):
             raise UserError(
                 f"data.answers_column: example {example!r} ({role} split) has {len(texts)} answer texts but "

@@ -221,10 +221,16 @@ class TokenClassification(FinetuneTask):
         return {"words": total, "words_without_token": total - kept}
 
     def _check_words(self, words: Any, role: str, row: int) -> None:
-        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        if not isinstance(words, list):
             raise UserError(
                 f"data.tokens_column: row {row} of the {role} split holds {type(words).__name__}, not a "
                 "list of words; point data.tokens_column at the word lists"
+            )
+        bad = next((i for i, word in enumerate(words) if not isinstance(word, str)), None)
+        if bad is not None:
+            raise UserError(
+                f"data.tokens_column: word {bad} of row {row} of the {role} split is {words[bad]!r}, not text; "
+                "write every word as a string"
             )
         if not words:
             raise UserError(f"data.tokens_column: row {row} of the {role} split has no words; remove it")
