@@ -190,12 +190,32 @@ def export(
     merge: Annotated[
         bool, typer.Option("--merge", help="Fold LoRA / AdaLoRA / IA3 weights into the base model's.")
     ] = False,
+    prune: Annotated[
+        float | None,
+        typer.Option(help="Remove this share (0-1) of every block's feed-forward neurons, e.g. 0.4."),
+    ] = None,
+    format_: Annotated[
+        str | None, typer.Option("--format", help="torch (a transformers directory) or onnx; default torch.")
+    ] = None,
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: ONNX Runtime dynamic quantisation for CPU inference (implies onnx).")
+    ] = None,
+    data: DataOption = None,
+    split: SplitOption = "validation",
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size of evaluation and of the throughput figure.")] = 32,
     output: Annotated[str | None, typer.Option(help="Where to write the model; default RUN/export.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
 ) -> None:
-    """Write a run's model as a standalone Hugging Face directory (adapter runs: with --merge)."""
-    from llmtune.inference import export as run_export
+    """Write a run's model for deployment (merged, pruned, ONNX, int8) and evaluate it against the run's own
+    model on the spot: size, parameters, latency, throughput and metrics; exit 1 if an expect: bound is missed."""
+    from llmtune.export.exporting import ExportOptions, export_run
 
-    typer.echo(f"exported to {run_export(run, output, merge)}")
+    if format_ not in (None, "torch", "onnx"):
+        raise UserError(f"--format {format_}: choose torch or onnx")
+    if quantize not in (None, "int8"):
+        raise UserError(f"--quantize {quantize}: the one quantisation is int8")
+    options = ExportOptions(merge, format_, quantize, prune, data, split, output, overwrite, batch_size)  # type: ignore[arg-type]
+    raise typer.Exit(export_run(run, options))
 
 
 def main() -> None:

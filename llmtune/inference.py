@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,10 @@ class ModelRef:
 
 
 def resolve_model(name: str) -> ModelRef:
-    """A run directory (its final/), a model directory, or a hub id."""
+    """A run directory (its final/), an export (with the recipe of the run it came from), a model directory, or a
+    hub id."""
+    from llmtune.export.exporting import EXPORT_RECIPE
+
     run = run_dir_of(name)
     if run is not None:
         if not run.final.is_dir():
@@ -35,6 +37,8 @@ def resolve_model(name: str) -> ModelRef:
         return ModelRef(str(run.final), run, load_recipe(run.recipe))
     if Path(name).exists() and not Path(name).is_dir():
         raise UserError(f"MODEL: {name} is a file; pass a run directory, a model directory or a hub id")
+    if (Path(name) / EXPORT_RECIPE).is_file():
+        return ModelRef(name, None, load_recipe(Path(name) / EXPORT_RECIPE))
     return ModelRef(name, None, None)
 
 
@@ -57,7 +61,7 @@ def _data_keys(spec: dict[str, Any], data: str, split: str, data_config: str | N
     spec["validation_split"] = split
 
 
-def _eval_recipe(ref: ModelRef, args: EvalArgs, config: Any) -> Recipe:
+def eval_recipe(ref: ModelRef, args: EvalArgs, config: Any) -> Recipe:
     """The recipe `eval` / `predict` run by: the run's own (model = its final/), or one made from the flags.
 
     `--set` overrides apply to it like to a training recipe (e.g. --set data.label_column=sentiment). With
@@ -97,13 +101,16 @@ def _eval_recipe(ref: ModelRef, args: EvalArgs, config: Any) -> Recipe:
     return build_recipe(tree, Path.cwd(), args.overrides, source="eval")
 
 
-def check_output_file(path: str | None, option: str) -> None:
-    """Refuse an output path that is a directory or cannot be written, before any work is done."""
+def check_output_file(path: str | None, option: str, directory: bool = False) -> None:
+    """Refuse an output path that is of the wrong kind (a directory for a file, a file for a directory) or cannot
+    be written, before any work is done."""
     if path is None:
         return
     target = Path(path)
-    if target.is_dir():
+    if target.is_dir() and not directory:
         raise UserError(f"{option} {path}: is a directory; give a file path")
+    if target.exists() and not target.is_dir() and directory:
+        raise UserError(f"{option} {path}: is a file; give a directory path")
     existing = next(p for p in (target.parent.resolve(), *target.parent.resolve().parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"{option} {path}: {existing} is a file, not a directory; give another path")
@@ -147,7 +154,7 @@ def evaluate_model(model_name: str, args: EvalArgs) -> dict[str, Any] | None:
     from llmtune.tasks import get_task
 
     trust = ref.recipe.model.trust_remote_code if ref.recipe is not None else False
-    recipe = _eval_recipe(ref, args, load_config(ref.model, trust))
+    recipe = eval_recipe(ref, args, load_config(ref.model, trust))
     task = get_task(recipe, labelled=args.labelled)
     if (args.predictions is not None or not args.labelled) and not recipe.entry.predicts:
         command = "predict" if not args.labelled else "--predictions"
@@ -163,6 +170,7 @@ def evaluate_model(model_name: str, args: EvalArgs) -> dict[str, Any] | None:
     from torch.utils.data import DataLoader
 
     from llmtune.batching import longest_first
+    from llmtune.export.onnx import OnnxModel
 
     accelerator = Accelerator(cpu=not has_accelerator())
     collate = task.collator(tokenizer)
@@ -174,7 +182,10 @@ def evaluate_model(model_name: str, args: EvalArgs) -> dict[str, Any] | None:
         **({"collate_fn": collate} if collate else {}),
         **({"sampler": longest_first(lengths)} if lengths else {}),
     )
-    model, loader = accelerator.prepare(model, loader)
+    if isinstance(model, OnnxModel):  # ONNX Runtime runs it; only the data is accelerate's
+        loader = accelerator.prepare(loader)
+    else:
+        model, loader = accelerator.prepare(model, loader)
     outputs = collect(accelerator, model, loader, task)
     metrics: dict[str, Any] = score(task, outputs, modules) if args.labelled else {}
     data = recipe.data
@@ -252,42 +263,3 @@ def generate(
         out = model.generate(**inputs, **kwargs)
     generated = cut_at_eos(out[:, inputs["input_ids"].shape[1] :], eos_ids(model), tokenizer.pad_token_id)
     return [prompt + text for text in decode(tokenizer, generated.tolist())]
-
-
-def export(run: str, output: str | None, merge: bool) -> Path:
-    """`llmtune export`: a standalone Hugging Face model directory from a run (LoRA / IA3 merged in)."""
-    from llmtune.strategies import merge as merge_adapter
-    from llmtune.strategies import strategy_info
-
-    ref = resolve_model(run)
-    if ref.recipe is None or ref.run is None:
-        raise UserError(f"{run}: not an llmtune run directory (no recipe.resolved.yaml); export takes a run")
-    info = strategy_info(ref.model)
-    target = Path(output) if output else ref.run.export
-    if target.exists():
-        raise UserError(f"--output {target} already exists; remove it or choose another directory")
-    check_output_file(str(target), "--output")
-    quiet_libraries()
-    from llmtune.atomic import atomic_dir
-    from llmtune.modeling import load_for_inference
-    from llmtune.tasks import get_task
-
-    if info is None:
-        if merge:
-            raise UserError(f"export --merge: {run} trained with strategy {ref.recipe.strategy.kind}: nothing to merge")
-        with atomic_dir(target) as tmp:
-            shutil.copytree(ref.model, tmp, dirs_exist_ok=True)
-        return target
-    if not merge:
-        raise UserError(f"export: {run} holds {info['kind']} adapter weights; pass --merge to fold them into the base")
-    task = get_task(ref.recipe)
-    if info["kind"] not in ("lora", "adalora", "ia3"):
-        merge_adapter(None, info["kind"])  # refuses with the reason
-    model, tokenizer = load_for_inference(
-        ref.model, task.auto_class, task.name, ref.recipe.model.trust_remote_code, ref.recipe.strategy
-    )
-    merged = merge_adapter(model, info["kind"])
-    with atomic_dir(target) as tmp:
-        merged.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-    return target

@@ -228,17 +228,23 @@ def check_vocab(model: Any, tokenizer: Any) -> None:
 def load_for_inference(
     name: str, auto_class_name: str, task_name: str, trust_remote_code: bool = False, strategy: Any = None
 ) -> Any:
-    """A saved model (run's final/, model directory or hub id) and its tokenizer, for eval and generate.
+    """A saved model (run's final/, model directory, export or hub id) and its tokenizer, for eval and generate.
+
+    A directory holding `model.onnx` (an ONNX export) loads as an ONNX Runtime session (`OnnxModel`).
 
     A directory an adapter strategy wrote (adapter weights + `llmtune_strategy.json`) loads as its base
     model with the adapter on it; `strategy` is the run's `StrategySpec` (bottleneck adapters need it).
     """
     import transformers
 
+    from llmtune.export.onnx import OnnxModel, is_onnx_directory
     from llmtune.strategies import load_trained, strategy_info
 
     config = load_config(name, trust_remote_code)
     check_task_fits(config, auto_class_name, task_name)
+    if is_onnx_directory(name):  # an ONNX export runs on ONNX Runtime
+        check_trained_for(config, auto_class_name, task_name, name)
+        return OnnxModel(name, config), load_pretrained_tokenizer(name, trust_remote_code=trust_remote_code)
     adapter = strategy_info(name) is not None
     if not adapter:
         check_trained_for(config, auto_class_name, task_name, name)

@@ -304,6 +304,128 @@ def classification_recipe(model: Path, train: Path, valid: Path, out: Path, **tr
     }
 
 
+# token classification: templated sentences whose entities a tiny model learns in a few dozen steps
+PEOPLE = [["John"], ["Mary"], ["John", "Smith"], ["Mary", "Jones"]]
+PLACES = [["Paris"], ["London"], ["Berlin"], ["New", "York"]]
+ORGS = [["Acme", "Corp"], ["Acme"], ["Globex", "Inc"]]
+NER_NOUNS = ["parser", "module", "function", "thread", "socket"]
+
+
+def _entity(words: list[str], kind: str) -> list[tuple[str, str]]:
+    return [(w, ("B-" if i == 0 else "I-") + kind) for i, w in enumerate(words)]
+
+
+def ner_sentences(n: int, seed: int) -> list[list[tuple[str, str]]]:
+    """Templated sentences whose entities a tiny model learns in a few dozen steps (IOB2 tags)."""
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(n):
+        person, place, org = rng.choice(PEOPLE), rng.choice(PLACES), rng.choice(ORGS)
+        form = rng.randrange(3)
+        if form == 0:
+            words = [*_entity(person, "PER"), ("lives", "O"), ("in", "O"), *_entity(place, "LOC"), (".", "O")]
+        elif form == 1:
+            words = [*_entity(person, "PER"), ("works", "O"), ("at", "O"), *_entity(org, "ORG")]
+            words += [("in", "O"), *_entity(place, "LOC")]
+        else:
+            words = [("the", "O"), (rng.choice(NER_NOUNS), "O"), ("of", "O"), *_entity(org, "ORG")]
+            words += [("calls", "O"), *_entity(person, "PER")]
+        sentences.append(words)
+    return sentences
+
+
+def write_conll(path: Path, sentences: list[list[tuple[str, str]]]) -> Path:
+    """CoNLL columns (word, a dummy POS column, tag), a blank line between sentences."""
+    blocks = ["\n".join(f"{w} X {t}" for w, t in s) for s in sentences]
+    path.write_text("-DOCSTART- -X- O\n\n" + "\n\n".join(blocks) + "\n", encoding="utf-8")
+    return path
+
+
+def ner_recipe(model: Path, train: Path, valid: Path, out: Path, **train_keys: Any) -> dict[str, Any]:
+    """A few dozen steps of token classification on a tiny checkpoint."""
+    return {
+        "task": "token-classification",
+        "model": {"pretrained": str(model)},
+        "data": {"files": {"train": str(train), "validation": str(valid)}},
+        "train": {
+            "max_steps": 40,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "log_every": 5,
+            "seed": 0,
+            "schedule": {"kind": "linear", "warmup_steps": 2},
+            **train_keys,
+        },
+        "output_dir": str(out),
+    }
+
+
+# question answering: a name's sentence inside a context long enough for several windows
+NAMES = ["John", "Mary", "Paris", "London", "Berlin"]
+THINGS = ["parser", "module", "function", "class", "list", "string", "token", "frame", "thread", "socket"]
+
+
+def qa_examples(n: int, seed: int) -> list[dict[str, Any]]:
+    """Questions whose answer (a name) sits in one sentence of a context long enough for several windows."""
+    rng = random.Random(seed)
+    fillers = [s.strip() + "." for d in synthetic_documents(200, seed=seed + 10) for s in d.split(".") if s.strip()]
+    examples = []
+    for i in range(n):
+        name, thing = rng.choice(NAMES), rng.choice(THINGS)
+        sentences = rng.sample(fillers, 7)
+        sentences.insert(rng.randint(0, 7), f"{name} holds the shared {thing}.")
+        context = " ".join(sentences)
+        examples.append(
+            {
+                "id": f"q{seed}-{i}",
+                "question": f"Who holds the shared {thing}?",
+                "context": context,
+                "answer": name,
+                "answer_start": context.index(f"{name} holds"),
+            }
+        )
+    return examples
+
+
+def write_squad(path: Path, examples: list[dict[str, Any]]) -> Path:
+    """A SQuAD v1.1 json file: one paragraph per question."""
+    paragraphs = [
+        {
+            "context": e["context"],
+            "qas": [
+                {
+                    "id": e["id"],
+                    "question": e["question"],
+                    "answers": [{"text": e["answer"], "answer_start": e["answer_start"]}],
+                }
+            ],
+        }
+        for e in examples
+    ]
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}), "utf-8")
+    return path
+
+
+def qa_recipe(model: Path, train: Path, valid: Path, out: Path) -> dict[str, Any]:
+    """Short windows (48 tokens, stride 16) so every context spans several of them."""
+    return {
+        "task": "question-answering",
+        "model": {"pretrained": str(model)},
+        "data": {"files": {"train": str(train), "validation": str(valid)}, "format": "squad", "max_length": 48},
+        "question_answering": {"doc_stride": 16, "max_answer_length": 8},
+        "train": {
+            "max_steps": 16,
+            "batch_size": 16,
+            "lr": 5e-3,
+            "log_every": 4,
+            "eval_every": 8,
+            "seed": 0,
+            "schedule": {"kind": "constant", "warmup_steps": 2},
+        },
+        "output_dir": str(out),
+    }
+
+
 # --- running the CLI ----------------------------------------------------------------------------------------------
 
 

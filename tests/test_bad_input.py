@@ -706,7 +706,7 @@ CASES = [
     ),
     pytest.param(
         dir_exists("export", "{run}", "--output", "{dir}"),
-        "already exists; remove it or choose another directory",
+        "already exists; pass --overwrite to replace it",
         id="export-output-exists",
     ),
     pytest.param(

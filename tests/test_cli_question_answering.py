@@ -3,79 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import read_metrics, run_cli, synthetic_documents, write_recipe
+from tests.helpers import qa_examples, qa_recipe, read_metrics, run_cli, write_recipe, write_squad
 
 pytestmark = pytest.mark.slow
-
-NAMES = ["John", "Mary", "Paris", "London", "Berlin"]
-THINGS = ["parser", "module", "function", "class", "list", "string", "token", "frame", "thread", "socket"]
-
-
-def qa_examples(n: int, seed: int) -> list[dict[str, Any]]:
-    """Questions whose answer (a name) sits in one sentence of a context long enough for several windows."""
-    rng = random.Random(seed)
-    fillers = [s.strip() + "." for d in synthetic_documents(200, seed=seed + 10) for s in d.split(".") if s.strip()]
-    examples = []
-    for i in range(n):
-        name, thing = rng.choice(NAMES), rng.choice(THINGS)
-        sentences = rng.sample(fillers, 7)
-        sentences.insert(rng.randint(0, 7), f"{name} holds the shared {thing}.")
-        context = " ".join(sentences)
-        examples.append(
-            {
-                "id": f"q{seed}-{i}",
-                "question": f"Who holds the shared {thing}?",
-                "context": context,
-                "answer": name,
-                "answer_start": context.index(f"{name} holds"),
-            }
-        )
-    return examples
-
-
-def write_squad(path: Path, examples: list[dict[str, Any]]) -> Path:
-    """A SQuAD v1.1 json file: one paragraph per question."""
-    paragraphs = [
-        {
-            "context": e["context"],
-            "qas": [
-                {
-                    "id": e["id"],
-                    "question": e["question"],
-                    "answers": [{"text": e["answer"], "answer_start": e["answer_start"]}],
-                }
-            ],
-        }
-        for e in examples
-    ]
-    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}), "utf-8")
-    return path
-
-
-def qa_recipe(model: Path, train: Path, valid: Path, out: Path) -> dict[str, Any]:
-    """Short windows (48 tokens, stride 16) so every context spans several of them."""
-    return {
-        "task": "question-answering",
-        "model": {"pretrained": str(model)},
-        "data": {"files": {"train": str(train), "validation": str(valid)}, "format": "squad", "max_length": 48},
-        "question_answering": {"doc_stride": 16, "max_answer_length": 8},
-        "train": {
-            "max_steps": 16,
-            "batch_size": 16,
-            "lr": 5e-3,
-            "log_every": 4,
-            "eval_every": 8,
-            "seed": 0,
-            "schedule": {"kind": "constant", "warmup_steps": 2},
-        },
-        "output_dir": str(out),
-    }
 
 
 @pytest.fixture(scope="module")

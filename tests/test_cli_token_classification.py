@@ -6,7 +6,6 @@ GPT-2 (byte-level BPE, no special tokens) is trained in process in tests/test_to
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,69 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers import read_metrics, run_cli, write_recipe
+from tests.helpers import ner_recipe, ner_sentences, read_metrics, run_cli, write_conll, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.slow
-
-PEOPLE = [["John"], ["Mary"], ["John", "Smith"], ["Mary", "Jones"]]
-PLACES = [["Paris"], ["London"], ["Berlin"], ["New", "York"]]
-ORGS = [["Acme", "Corp"], ["Acme"], ["Globex", "Inc"]]
-NOUNS = ["parser", "module", "function", "thread", "socket"]
-
-
-def _entity(words: list[str], kind: str) -> list[tuple[str, str]]:
-    return [(w, ("B-" if i == 0 else "I-") + kind) for i, w in enumerate(words)]
-
-
-def ner_sentences(n: int, seed: int) -> list[list[tuple[str, str]]]:
-    """Templated sentences whose entities a tiny model learns in a few dozen steps (IOB2 tags)."""
-    rng = random.Random(seed)
-    sentences = []
-    for _ in range(n):
-        person, place, org = rng.choice(PEOPLE), rng.choice(PLACES), rng.choice(ORGS)
-        form = rng.randrange(3)
-        if form == 0:
-            words = [*_entity(person, "PER"), ("lives", "O"), ("in", "O"), *_entity(place, "LOC"), (".", "O")]
-        elif form == 1:
-            words = [*_entity(person, "PER"), ("works", "O"), ("at", "O"), *_entity(org, "ORG")]
-            words += [("in", "O"), *_entity(place, "LOC")]
-        else:
-            words = [("the", "O"), (rng.choice(NOUNS), "O"), ("of", "O"), *_entity(org, "ORG")]
-            words += [("calls", "O"), *_entity(person, "PER")]
-        sentences.append(words)
-    return sentences
-
-
-def write_conll(path: Path, sentences: list[list[tuple[str, str]]]) -> Path:
-    """CoNLL columns (word, a dummy POS column, tag), a blank line between sentences."""
-    blocks = ["\n".join(f"{w} X {t}" for w, t in s) for s in sentences]
-    path.write_text("-DOCSTART- -X- O\n\n" + "\n\n".join(blocks) + "\n", encoding="utf-8")
-    return path
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """One JSON object per line."""
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def ner_recipe(model: Path, train: Path, valid: Path, out: Path, **train_keys: Any) -> dict[str, Any]:
-    """A few dozen steps of token classification on a tiny checkpoint."""
-    return {
-        "task": "token-classification",
-        "model": {"pretrained": str(model)},
-        "data": {"files": {"train": str(train), "validation": str(valid)}},
-        "train": {
-            "max_steps": 40,
-            "batch_size": 16,
-            "lr": 3e-3,
-            "log_every": 5,
-            "seed": 0,
-            "schedule": {"kind": "linear", "warmup_steps": 2},
-            **train_keys,
-        },
-        "output_dir": str(out),
-    }
 
 
 @pytest.fixture(scope="module")
