@@ -285,16 +285,24 @@ def train(
     # Everything the user could have got wrong has been checked: only now is anything written, under the
     # run's lock (held by the main process until it exits).
     with run.locked() if accelerator.is_main_process else contextlib.nullcontext():
-        _write_run_files(accelerator, run, recipe, recipe_path, tokenizer, model, overwrite)
+        _write_run_files(accelerator, run, recipe, recipe_path, tokenizer, model, overwrite, prepared.stats)
         return _fit(
             accelerator, run, recipe, task, model, tokenizer, prepared, applied, modules, resume, origin, prep_seconds
         )
 
 
 def _write_run_files(
-    accelerator: Any, run: RunDir, recipe: Recipe, recipe_path: str, tokenizer: Any, model: Any, overwrite: bool
+    accelerator: Any,
+    run: RunDir,
+    recipe: Recipe,
+    recipe_path: str,
+    tokenizer: Any,
+    model: Any,
+    overwrite: bool,
+    data_stats: dict[str, Any],
 ) -> None:
-    """The resolved recipe, the environment and the tokenizer (after clearing an overwritten run)."""
+    """The resolved recipe, the environment (with the prepared data's counts and cache) and the tokenizer (after
+    clearing an overwritten run)."""
     from llmtune.strategies import count_parameters
 
     total, trainable = count_parameters(model)
@@ -304,6 +312,7 @@ def _write_run_files(
         write_text_atomic(run.recipe, dump_recipe(recipe))
         env = _environment(accelerator, recipe, Path(recipe_path).resolve())
         env["parameters"] = {"strategy": recipe.strategy.kind, "total": total, "trainable": trainable}
+        env["data"] = data_stats  # tokens and examples per split, skipped blanks, the tokenised-data cache
         write_text_atomic(run.environment, json.dumps(env, indent=1))
         if not run.tokenizer.is_dir():
             tokenizer.save_pretrained(str(run.tokenizer))
