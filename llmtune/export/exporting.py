@@ -24,11 +24,12 @@ from llmtune.errors import UserError
 from llmtune.export.measure import Measured, format_report, speed, weights_size_mib
 from llmtune.export.onnx import ONNX_FILE, check_exportable, export_onnx, quantize_int8, require
 from llmtune.export.prune import prune_feed_forward
+from llmtune.strategies import MERGEABLE
+from llmtune.strategies import merge as merge_adapter
 
 EXPORT_RECORD = "llmtune_export.json"
 EXPORT_RECIPE = "llmtune_recipe.yaml"
 REPORT = "export_report.json"
-MERGEABLE = ("lora", "adalora", "ia3")
 
 
 @dataclass
@@ -78,11 +79,7 @@ def _check_options(options: ExportOptions, adapter: dict[str, Any] | None, kind:
             "(--prune, --format and --quantize then apply to the merged model)"
         )
     if adapter is not None and adapter["kind"] not in MERGEABLE:
-        raise UserError(
-            f"export --merge: {adapter['kind']} cannot be merged into the base weights (only "
-            f"{' / '.join(MERGEABLE)} can); export the run without --merge is not possible either: its final/ "
-            "needs llmtune to load"
-        )
+        merge_adapter(None, adapter["kind"])  # refuses, saying which kinds can
 
 
 def export_run(run: str, options: ExportOptions) -> int:
@@ -116,7 +113,6 @@ def _export(ref: Any, recipe: Any, adapter: dict[str, Any] | None, options: Expo
     from llmtune.data import load_raw
     from llmtune.modeling import load_for_inference
     from llmtune.strategies import count_parameters
-    from llmtune.strategies import merge as merge_adapter
     from llmtune.tasks import get_task
 
     task = get_task(recipe)
