@@ -574,8 +574,9 @@ class Children:
         self.infos: list[dict[str, Any]] = []
 
     def run(self, mode: str, rest: Sequence[str], name: str) -> dict[str, Any]:
-        """One child run (see `run_child`); its result."""
+        """One child run (see `run_child`); its result, with `name` added."""
         info = run_child(self.script, mode, rest, self.work, name, self.source, self.timeout)
+        info["name"] = name
         self.infos.append(info)
         return info
 
