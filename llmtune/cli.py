@@ -218,6 +218,30 @@ def export(
     raise typer.Exit(export_run(run, options))
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="A run directory, an export, a model directory or a hub id.")],
+    task: TaskOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 to accept other machines.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Most rows one model call takes.")] = 32,
+    max_batch_tokens: Annotated[
+        int, typer.Option(min=1, help="Most rows x longest row tokens one model call takes.")
+    ] = 16384,
+    batch_wait_ms: Annotated[float, typer.Option(min=0, help="Under load, how long a batch may wait to fill.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting beyond this get 503 + Retry-After.")] = 256,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="LLMTUNE_API_KEY", help="Require this key (Authorization: Bearer or X-API-Key)."),
+    ] = None,
+) -> None:
+    """Serve the model over HTTP: its task's endpoint (classify, tag, answer, generate, chat), /health, /info and
+    Prometheus /metrics, with dynamic batching; SIGINT / SIGTERM finish the requests in flight, then exit."""
+    from llmtune.serve.run import serve as run_server
+
+    run_server(model, task, host, port, max_batch_size, max_batch_tokens, batch_wait_ms, max_queue, api_key)
+
+
 def main() -> None:
     """Console entry point: user errors (bad input, bad options) become one line on stderr and exit code 2."""
     try:

@@ -61,11 +61,12 @@ def _data_keys(spec: dict[str, Any], data: str, split: str, data_config: str | N
     spec["validation_split"] = split
 
 
-def eval_recipe(ref: ModelRef, args: EvalArgs, config: Any) -> Recipe:
+def eval_recipe(ref: ModelRef, args: EvalArgs, config: Any, need_data: bool = True) -> Recipe:
     """The recipe `eval` / `predict` run by: the run's own (model = its final/), or one made from the flags.
 
     `--set` overrides apply to it like to a training recipe (e.g. --set data.label_column=sentiment). With
-    `--task` naming another task than the run's, only the data's source is kept.
+    `--task` naming another task than the run's, only the data's source is kept. Without `need_data` (serving)
+    a model directory gets an empty data source.
     """
     from llmtune.recipe import GENERAL_KEYS, build_recipe
     from llmtune.tasks.registry import recipe_tasks, task_entry
@@ -89,8 +90,10 @@ def eval_recipe(ref: ModelRef, args: EvalArgs, config: Any) -> Recipe:
     }
     if args.data is not None:
         _data_keys(tree["data"], args.data, args.split, args.data_config)
-    elif ref.recipe is None:
+    elif ref.recipe is None and need_data:
         raise UserError("--data is needed when MODEL is not a run directory (a file path or a hub dataset name)")
+    elif ref.recipe is None:
+        tree["data"]["files"] = {}  # nothing is read
     if args.seed is not None:
         tree["train"]["seed"] = args.seed
     if args.block_size is not None:

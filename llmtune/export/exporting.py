@@ -132,7 +132,7 @@ def _export(ref: Any, recipe: Any, adapter: dict[str, Any] | None, options: Expo
     if adapter is not None:
         done["steps"].append({"method": "merge", "kind": adapter["kind"]})
     if options.prune is not None:
-        done["steps"].append({"method": "prune", **prune_feed_forward(exported, options.prune)})
+        done["steps"].append({**prune_feed_forward(exported, options.prune), "method": "prune"})
     parameters = count_parameters(exported)[0]
     with atomic_dir(target) as tmp:
         if options.runtime_format == "onnx":

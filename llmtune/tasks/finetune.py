@@ -173,6 +173,22 @@ class FinetuneTask(BaseTask):
         """Per-example records; every fine-tuning task defines them."""
         raise NotImplementedError
 
+    def predict_rows(self, model: Any, rows: Dataset) -> list[dict[str, Any]]:
+        """`predictions` for raw rows held in memory, in one batch (what `llmtune serve` runs per batch): the same
+        encoding, model call and post-processing as `llmtune predict`, without the cache and the loader."""
+        import torch
+
+        from llmtune.tasks.base import EvalOutputs
+
+        self.validation_raw = rows
+        encoded = self.encode(rows[:], list(range(len(rows))), "validation")
+        examples = [dict(zip(encoded, values, strict=True)) for values in zip(*encoded.values(), strict=True)]
+        outputs = EvalOutputs()
+        if examples:
+            with torch.no_grad():
+                outputs.add(self.eval_batch(model, self.collator(self.tokenizer)(examples)))
+        return self.predictions(outputs)
+
     def scored_pairs(self, outputs: Any) -> tuple[list[Any], list[Any]]:
         """(predictions, references) for `evaluate` modules, where the registry entry says the task has them."""
         raise NotImplementedError

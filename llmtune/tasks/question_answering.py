@@ -293,7 +293,14 @@ class QuestionAnswering(FinetuneTask):
         ids = example_ids(self.validation_raw, self.data.id_column)
         questions = values(self.validation_raw, self.data.question_column)
         return [
-            {"id": ids[i], "question": str(questions[i]), "answer": a.text, "score": a.score}
+            {
+                "id": ids[i],
+                "question": str(questions[i]),
+                "answer": a.text,
+                "score": a.score,
+                "start": a.start_char,  # in the context; None when there is no answer
+                "end": None if a.start_char is None else a.start_char + len(a.text),
+            }
             for i, a in self.answers(outputs).items()
         ]
 

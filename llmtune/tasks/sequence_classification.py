@@ -119,10 +119,12 @@ class SequenceClassification(FinetuneTask):
         logits = model(**model_inputs(batch)).logits.float()
         if self.regression:
             prediction = logits.squeeze(-1)
-            confidence = prediction.new_ones(prediction.shape)
+            values = {"index": batch["index"], "prediction": prediction, "confidence": prediction.new_ones(len(logits))}
         else:
-            confidence, prediction = logits.softmax(dim=-1).max(dim=-1)
-        values = {"index": batch["index"], "prediction": prediction, "confidence": confidence}
+            probabilities = logits.softmax(dim=-1)
+            confidence, prediction = probabilities.max(dim=-1)
+            values = {"index": batch["index"], "prediction": prediction, "confidence": confidence}
+            values["probabilities"] = probabilities
         if "labels" in batch:
             values.update(label=batch["labels"], loss=self._losses(logits, batch["labels"]))
         return values
@@ -141,12 +143,23 @@ class SequenceClassification(FinetuneTask):
         }
 
     def predictions(self, outputs: EvalOutputs) -> list[dict[str, Any]]:
-        """Per raw example, in file order: the predicted label (or score) and its probability."""
-        rows = sorted(zip(outputs.flat("index"), outputs.flat("prediction"), outputs.flat("confidence"), strict=True))
+        """Per raw example, in file order: the predicted label and its probability, and every label's probability
+        (regression: the score)."""
+        index = outputs.flat("index")
         if self.regression:
-            return [{"index": i, "score": p} for i, p, _ in rows]
+            return [{"index": i, "score": p} for i, p in sorted(zip(index, outputs.flat("prediction"), strict=True))]
         names = self.labels.id2label
-        return [{"index": i, "label": names.get(int(p), str(int(p))), "probability": c} for i, p, c in rows]
+        columns = [outputs.flat(k) for k in ("prediction", "confidence", "probabilities")]
+        rows = zip(index, *columns, strict=True)
+        return [
+            {
+                "index": i,
+                "label": names.get(int(p), str(int(p))),
+                "probability": c,
+                "probabilities": {names.get(k, str(k)): v for k, v in enumerate(all_)},
+            }
+            for i, p, c, all_ in sorted(rows, key=lambda row: row[0])
+        ]
 
     def scored_pairs(self, outputs: EvalOutputs) -> tuple[list[Any], list[Any]]:
         """Predicted and reference class ids (or scores), as `evaluate`'s accuracy / f1 / pearsonr take them."""
