@@ -73,7 +73,8 @@ def runs(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
         write_jsonl(root / "valid.jsonl", instruction_pairs(8, 2))
         chat = instruction_recipe(tiny_models["gpt2"], root, root / "gen")
         chat["train"].update(max_steps=2, eval_every=None)
-        recipes = {"cls": cls, "lora": lora, "ner": ner, "qa": qa, "gen": chat}
+        t5 = classification_recipe(tiny_models["t5"], train, valid, root / "t5cls", max_steps=2)
+        recipes = {"cls": cls, "lora": lora, "ner": ner, "qa": qa, "gen": chat, "t5cls": t5}
         return {name: _train(capsys, recipe, root / f"{name}.yaml") for name, recipe in recipes.items()}
     finally:
         capsys.close()
@@ -191,6 +192,7 @@ def test_merge_then_onnx(runs: dict[str, Path], tmp_path: Path, capsys: pytest.C
         ("lora", ["--quantize", "int8"], "holds lora adapter weights; pass --merge"),
         ("cls", ["--merge"], "trained with strategy full: nothing to merge"),
         ("gen", ["--format", "onnx"], "instruction-tuning is not exported to ONNX"),
+        ("t5cls", ["--format", "onnx"], "torch.export cannot capture this t5 T5ForSequenceClassification"),
         ("cls", ["--prune", "1.5"], "--prune: 1.5 is not a share of neurons in (0, 1)"),
         ("cls", ["--prune", "0"], "--prune: 0.0 is not a share of neurons in (0, 1)"),
         ("cls", ["--quantize", "int8", "--format", "torch"], "int8 is exported as ONNX Runtime dynamic quantisation"),

@@ -12,7 +12,9 @@ transformers model (`model(**inputs).logits`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -64,7 +66,7 @@ def export_onnx(model: Any, inputs: dict[str, Any], outputs: tuple[str, ...], pa
     tmp = path.with_name(path.name + ".tmp")
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False  # a KV cache in the outputs is not a tensor torch.export can return
-    with torch.no_grad():
+    with torch.no_grad(), _refusing_what_cannot_export(model):
         # The model's output (a ModelOutput) flattens to its tensors in field order: `outputs` names them.
         program = torch.onnx.export(
             model.eval(),
@@ -80,6 +82,23 @@ def export_onnx(model: Any, inputs: dict[str, Any], outputs: tuple[str, ...], pa
     onnx.save(onnx.load(str(tmp)), str(path), save_as_external_data=False)  # one file: weights inline
     for leftover in path.parent.glob(tmp.name + "*"):
         leftover.unlink()
+
+
+@contextlib.contextmanager
+def _refusing_what_cannot_export(model: Any) -> Iterator[None]:
+    """torch.export cannot capture every model (T5's classification and QA heads pool data-dependently): one line
+    naming the model and the reason, instead of torch's report."""
+    try:
+        yield
+    except Exception as exc:
+        text = str(exc)
+        summary = text.split("## Exception summary", 1)[-1].strip().splitlines()
+        reason = (summary[0] if summary else type(exc).__name__)[:200]
+        raise UserError(
+            f"--format onnx: torch.export cannot capture this {model.config.model_type} "
+            f"{type(model).__name__} ({reason}); export it with --prune or as a plain directory, or use an "
+            "encoder (BERT-style) or GPT-2 model"
+        ) from None
 
 
 def quantize_int8(source: Path, target: Path) -> None:
