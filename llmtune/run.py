@@ -21,6 +21,7 @@ from llmtune.expect import check_expectations, format_checks
 from llmtune.launch import sharding_warning
 from llmtune.recipe import Recipe, dump_recipe, load_recipe
 from llmtune.run_dir import FINAL_METRICS, RunDir
+from llmtune.trackers import check_installed
 
 
 class _DropKnownNoise(logging.Filter):
@@ -123,7 +124,7 @@ def has_accelerator() -> bool:
     return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
 
 
-def _accelerator(recipe: Recipe) -> Any:
+def _accelerator(recipe: Recipe, run: RunDir, resume: bool) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
@@ -141,7 +142,10 @@ def _accelerator(recipe: Recipe) -> Any:
         )
     kwargs: dict[str, Any] = {}
     if recipe.tracking:
-        kwargs.update(log_with=list(recipe.tracking), project_dir=recipe.output_dir)
+        from llmtune.trackers import make_trackers
+
+        trackers = make_trackers(list(recipe.tracking), run.root / run.tracking, run.root.name, resume)
+        kwargs.update(log_with=trackers, project_dir=recipe.output_dir)
     if train.compile:
         kwargs["dynamo_backend"] = "inductor"
     accelerator = Accelerator(
@@ -236,6 +240,7 @@ def train(
     """`llmtune pretrain` / `finetune`: train the recipe's model; the exit code (1 when `expect:` is missed)."""
     recipe = load_recipe(recipe_path, overrides)
     _check_command(recipe, command)
+    check_installed(recipe.tracking)
     run = RunDir(Path(recipe.output_dir))
     action = _check_output_dir(run, resume, overwrite)
     if action in ("complete", "finish"):
@@ -256,7 +261,7 @@ def train(
     quiet_libraries()
     task = get_task(recipe)
     modules = load_metric_modules(recipe.metrics)
-    accelerator = _accelerator(recipe)
+    accelerator = _accelerator(recipe, run, resume)
     started = time.perf_counter()
     with accelerator.main_process_first():
         raw = load_raw(recipe.data, columns=task.required_columns())
@@ -340,7 +345,11 @@ def _fit(
     from llmtune.trainer import Trainer, prepare_training
 
     if recipe.tracking:
-        accelerator.init_trackers(run.tracking)
+        from llmtune.trackers import flat_config, remember_ids
+
+        accelerator.init_trackers("llmtune", config=flat_config(recipe.model_dump(mode="json")))
+        if accelerator.is_main_process:
+            remember_ids(accelerator, run.root / run.tracking)
     best, stop = _rankings(recipe)
     parts = prepare_training(accelerator, recipe.train, task, model, tokenizer, prepared)
     log = MetricsLog(run.metrics, accelerator, accelerator.is_main_process)
@@ -384,16 +393,22 @@ def _fit(
     )
     progress = Progress(trainer.total_steps, trainer.state.step, accelerator.is_main_process)
     try:
-        result = trainer.fit(progress)
+        try:
+            result = trainer.fit(progress)
+        finally:
+            progress.close()
+        if result.interrupted:
+            return 130
+        metrics = _final_model(accelerator, trainer, result, recipe, run, progress)
+        if accelerator.is_main_process:
+            write_text_atomic(run.final_metrics, json.dumps(metrics, indent=1))
+            if recipe.tracking:
+                from llmtune.trackers import log_final
+
+                log_final(accelerator, result.steps, metrics, run.final)
     finally:
-        progress.close()
         if recipe.tracking:
             accelerator.end_training()
-    if result.interrupted:
-        return 130
-    metrics = _final_model(accelerator, trainer, result, recipe, run, progress)
-    if accelerator.is_main_process:
-        write_text_atomic(run.final_metrics, json.dumps(metrics, indent=1))
     say(accelerator, "final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     info = strategy_info(run.final)
     size = f" (adapter and head weights alone: {info['adapter_bytes'] / 1024:,.0f} KiB)" if info else ""

@@ -8,7 +8,7 @@
     final/                 the model to use (a Hugging Face directory) + llmtune_metrics.json
     final_metrics.json     the final metrics (written last: a run with it is complete)
     eval/                  what `llmtune eval RUN` wrote
-    tracking/              TensorBoard (and other trackers') files
+    tracking/              trackers' files: tensorboard/, wandb/ (offline runs), mlflow.db + mlflow-artifacts/
     .lock                  held by the process writing the run (released by the OS when it dies)
 
 A run with `final/` but no `final_metrics.json` was stopped after saving its model; `--resume` completes it.

@@ -24,6 +24,7 @@ from llmtune.sections import (
     TrainSpec,
 )
 from llmtune.tasks.registry import Metric, TaskEntry, all_columns, option_sections, recipe_tasks, task_entry
+from llmtune.trackers import TRACKERS
 
 DataSpec = create_model(
     "DataSpec",
@@ -48,7 +49,11 @@ class _RecipeBase(Section):
     metrics: list[MetricModuleSpec] = Field(
         default_factory=list, description="`evaluate` modules computed on the task's predictions at every evaluation."
     )
-    tracking: list[str] = Field(default_factory=list, description="Trackers besides metrics.jsonl: tensorboard.")
+    tracking: list[str] = Field(
+        default_factory=list,
+        description="Trackers besides metrics.jsonl, any of tensorboard, wandb (offline into the run directory "
+        "without credentials), mlflow (a store in the run directory unless MLFLOW_TRACKING_URI is set).",
+    )
     output_dir: str = Field("runs/llmtune", description="The run directory.")
 
     @field_validator("task")
@@ -65,8 +70,12 @@ class _RecipeBase(Section):
     @classmethod
     def _known_trackers(cls, value: list[str]) -> list[str]:
         for name in value:
-            if name != "tensorboard":
-                raise ValueError(f"unknown tracker {name!r}; available: tensorboard")
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
+                hint = f"did you mean '{close[0]}'?" if close else f"available: {', '.join(TRACKERS)}"
+                raise ValueError(f"unknown tracker {name!r}; {hint}")
+        if len(set(value)) != len(value):
+            raise ValueError("a tracker is named twice")
         return value
 
     @property
