@@ -242,6 +242,22 @@ def serve(
     run_server(model, task, host, port, max_batch_size, max_batch_tokens, batch_wait_ms, max_queue, api_key)
 
 
+@app.command()
+def report(
+    runs: Annotated[list[str], typer.Argument(help="One or more run directories.")],
+    output: Annotated[
+        str | None,
+        typer.Option(help="Where to write report.md and the PNGs; default RUN/report, or compare-A-B beside the runs."),
+    ] = None,
+) -> None:
+    """Figures (loss raw and smoothed, learning rate, every evaluation metric, throughput) and a Markdown summary
+    (final metrics against expect:, recipe differences, wall time, throughput) of one run or several overlaid."""
+    from llmtune.report import make_report
+
+    target = make_report(runs, output)
+    typer.echo(f"report written to {target / 'report.md'} (figures beside it)")
+
+
 def main() -> None:
     """Console entry point: user errors (bad input, bad options) become one line on stderr and exit code 2."""
     try:
