@@ -11,6 +11,7 @@ so an unknown key gets the same "did you mean" line as `--set`. Only PyYAML and 
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,15 @@ def yaml_value(value: Any) -> str:
     return text.removesuffix("...").strip()
 
 
+# PyYAML follows YAML 1.1, where `1e-5` (no dot) is a string; YAML 1.2 and every user read it as a number.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _as_number(value: Any) -> Any:
+    """`1e-5` written in the space file as the float it means; anything else unchanged."""
+    return float(value) if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) else value
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -76,6 +86,8 @@ def _param(key: str, spec: Any, where: str) -> Param:
         if set(spec) != {"choices"}:
             raise UserError(f"{where}: {key}: give either choices or low/high, not both")
         choices = spec["choices"]
+        if isinstance(choices, list):
+            choices = [_as_number(c) for c in choices]
         if not isinstance(choices, list) or not choices:
             raise UserError(f"{where}: {key}: choices is empty; list at least one value, e.g. choices: [1, 2]")
         for value in choices:
@@ -85,13 +97,13 @@ def _param(key: str, spec: Any, where: str) -> Param:
     unknown = sorted(set(spec) - _RANGE_KEYS)
     if unknown:
         raise UserError(f"{where}: {key}: unknown field {unknown[0]!r}; a range has low, high, log, step")
-    low, high = spec.get("low"), spec.get("high")
+    low, high = _as_number(spec.get("low")), _as_number(spec.get("high"))
     if not (_number(low) and _number(high)):
         raise UserError(f"{where}: {key}: a range needs numbers low and high (got low {low!r}, high {high!r})")
     if low >= high:
         what = "an empty range" if low == high else "low above high"
         raise UserError(f"{where}: {key}: {what} (low {low}, high {high}); make low < high, or use choices: [{low}]")
-    log, step = spec.get("log", False), spec.get("step")
+    log, step = spec.get("log", False), _as_number(spec.get("step"))
     if not isinstance(log, bool):
         raise UserError(f"{where}: {key}: log must be true or false")
     if log and low <= 0:
