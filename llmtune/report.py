@@ -220,8 +220,11 @@ def plot_lr(plt: Any, runs: list[RunRecord], path: Path) -> None:
 
 
 def _arrow(runs: list[RunRecord], key: str) -> str:
-    direction = next((r.directions[key] for r in runs if key in r.directions), None)
-    return " (higher is better)" if direction is True else " (lower is better)" if direction is False else " (count)"
+    """The metric's declared direction for its title ("" when no run's recipe could say)."""
+    known = [r.directions[key] for r in runs if key in r.directions]
+    if not known:
+        return ""
+    return " (higher is better)" if known[0] is True else " (lower is better)" if known[0] is False else " (count)"
 
 
 def plot_evals(plt: Any, runs: list[RunRecord], keys: list[str], path: Path) -> None:

@@ -110,6 +110,12 @@ class Sweep:
         assert declared is not None and declared.higher_is_better is not None  # the recipe validator checked
         self.direction = "maximize" if declared.higher_is_better else "minimize"
         self.command = "pretrain" if "pretrain" in recipe.entry.commands else "finetune"
+        if options.prune and recipe.train.eval_every is None:
+            print(
+                "warning: --prune judges trials by their evaluations, and the recipe evaluates only at the end; "
+                "set train.eval_every (e.g. --set train.eval_every=100)",
+                flush=True,
+            )
         self.grid = self.space.grid(options.space) if options.sampler == "grid" else None
         self.root = Path(options.output) if options.output is not None else Path(f"{recipe.output_dir}-sweep")
         if self.root.exists() and not self.root.is_dir():
@@ -339,6 +345,8 @@ def trial_table(study: Any, metric: str) -> str:
         value = t.value if t.value is not None else (t.intermediate_values.get(t.last_step) if t.last_step else None)
         shown = "" if value is None else f"{value:.6g}" + (f" (step {t.last_step})" if t.value is None else "")
         state = t.state.name.lower() + (" (retry)" if "retry_of" in t.user_attrs else "")
+        if t.state.name == "FAIL":
+            state += f" ({t.user_attrs['crashed']})" if "crashed" in t.user_attrs else " (interrupted: queued again)"
         run = Path(t.user_attrs["run_dir"]).name if "run_dir" in t.user_attrs else ""
         rows.append(f"| {t.number} | {params} | {shown} | {state} | {t.user_attrs.get('seconds', '')} | {run} |")
     return "\n".join(rows)
