@@ -346,7 +346,11 @@ def trial_table(study: Any, metric: str) -> str:
         shown = "" if value is None else f"{value:.6g}" + (f" (step {t.last_step})" if t.value is None else "")
         state = t.state.name.lower() + (" (retry)" if "retry_of" in t.user_attrs else "")
         if t.state.name == "FAIL":
-            state += f" ({t.user_attrs['crashed']})" if "crashed" in t.user_attrs else " (interrupted: queued again)"
+            state += (
+                f" ({str(t.user_attrs['crashed']).replace('|', '/')})"
+                if "crashed" in t.user_attrs
+                else " (interrupted: a rerun retries it)"
+            )
         run = Path(t.user_attrs["run_dir"]).name if "run_dir" in t.user_attrs else ""
         rows.append(f"| {t.number} | {params} | {shown} | {state} | {t.user_attrs.get('seconds', '')} | {run} |")
     return "\n".join(rows)
