@@ -8,7 +8,7 @@ While it runs, the sweep reads the evaluations it appends to `metrics.jsonl`, re
 
 The study lives in `SWEEP/study.db` (SQLite), so running the same command again continues it up to N
 finished trials; trials a dead sweep left running, and trials stopped by Ctrl-C, are marked failed and their
-parameters queued again.
+parameters queued again (the retry resumes the stopped run from its checkpoint).
 """
 
 from __future__ import annotations
@@ -233,17 +233,29 @@ class Sweep:
                 found.append((step, float(value)))
         return found
 
+    def _run_dir(self, study: Any, trial: Any) -> tuple[Path, bool]:
+        """The trial's run directory, and whether it continues one: a retry of an interrupted trial resumes that
+        trial's run from its last checkpoint (or completes it, if it had saved its final model)."""
+        retry_of = trial.user_attrs.get("retry_of")
+        if retry_of is not None:
+            earlier = Path(study.trials[retry_of].user_attrs.get("run_dir", self.root / "none"))
+            if (earlier / "final").is_dir() or any((earlier / "checkpoints").glob("step-*")):
+                return earlier, True
+        return self.root / f"trial-{trial.number:03d}", False
+
     def _run_trial(self, study: Any, trial: Any) -> str:
         """Run one trial to its end; tell the study; the state it ended in."""
         states = self.optuna.trial.TrialState
         params = {p.key: self._suggest(trial, p) for p in self.space}
-        run_dir = self.root / f"trial-{trial.number:03d}"
+        run_dir, resume = self._run_dir(study, trial)
         log_path = self.root / "logs" / f"trial-{trial.number:03d}.log"
         log_path.parent.mkdir(exist_ok=True)
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-        print(f"trial {trial.number}: {shown} (run {run_dir}, log {log_path})", flush=True)
+        again = f", continuing trial {trial.user_attrs['retry_of']}'s run" if resume else ""
+        print(f"trial {trial.number}: {shown} (run {run_dir}{again}, log {log_path})", flush=True)
         command = [sys.executable, "-m", "llmtune", self.command, str(Path(self.options.recipe).resolve())]
+        command += ["--resume"] if resume else []
         for item in [*self.overrides, f"output_dir={run_dir.resolve()}", *overrides_for(params)]:
             command += ["--set", item]
         started, pruned_at = time.monotonic(), None

@@ -174,7 +174,12 @@ def test_grid_sweep_finds_the_better_lr_and_continues(
     assert best.train.lr == GOOD_LR and best.train.max_steps == 40
     assert "| 2 | train.lr=0.003 |" in done.stdout and "complete (retry)" in done.stdout
     assert (sweep_dir / "sweep.png").stat().st_size > 10_000
-    for trial in (0, 2, 3):
+    # the retry continued the interrupted run from its checkpoint rather than starting over
+    assert "trial 2: train.lr=0.003 (run " in done.stdout and "continuing trial 1's run" in done.stdout
+    assert "resumed from" in (sweep_dir / "logs" / "trial-002.log").read_text()
+    assert study.best_trial.user_attrs["run_dir"] == str(interrupted.resolve())
+    assert not (sweep_dir / "trial-002").exists()
+    for trial in (0, 1, 3):
         assert (sweep_dir / f"trial-{trial:03d}" / "final_metrics.json").is_file()
 
 
