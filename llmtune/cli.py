@@ -242,6 +242,46 @@ def serve(
     run_server(model, task, host, port, max_batch_size, max_batch_tokens, batch_wait_ms, max_queue, api_key)
 
 
+@app.command()
+def report(
+    runs: Annotated[list[str], typer.Argument(help="One or more run directories.")],
+    output: Annotated[
+        str | None,
+        typer.Option(help="Where to write report.md and the PNGs; default RUN/report, or compare-A-B beside the runs."),
+    ] = None,
+) -> None:
+    """Figures (loss raw and smoothed, learning rate, every evaluation metric, throughput) and a Markdown summary
+    (final metrics against expect:, recipe differences, wall time, throughput) of one run or several overlaid."""
+    from llmtune.report import make_report
+
+    target = make_report(runs, output)
+    typer.echo(f"report written to {target / 'report.md'} (figures beside it)")
+
+
+@app.command()
+def sweep(
+    recipe: Annotated[str, typer.Argument(help="The recipe YAML file.")],
+    space: Annotated[str, typer.Option(help="The search space: a YAML file of recipe keys and their ranges.")],
+    trials: Annotated[int, typer.Option(min=1, help="Finished trials to reach (a continued sweep counts its own).")],
+    sampler: Annotated[str, typer.Option(help="tpe, random or grid (every combination of the choices).")] = "tpe",
+    prune: Annotated[
+        bool, typer.Option("--prune", help="Stop a trial whose evaluation is worse than the median of finished ones.")
+    ] = False,
+    output: Annotated[
+        str | None, typer.Option(help="The sweep directory (study.db, trial-NNN/); default OUTPUT_DIR-sweep.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 0,
+    set_: SetOption = None,
+) -> None:
+    """Search hyper-parameters with optuna: each trial a run directory, the objective the recipe's best_metric;
+    a table of trials, best_recipe.yaml and a figure at the end. The same command again continues the sweep."""
+    from llmtune.sweep import SweepOptions
+    from llmtune.sweep import sweep as run_sweep
+
+    options = SweepOptions(recipe, space, trials, sampler, prune, output, seed, tuple(set_ or []))
+    raise typer.Exit(run_sweep(options))
+
+
 def main() -> None:
     """Console entry point: user errors (bad input, bad options) become one line on stderr and exit code 2."""
     try:
