@@ -108,3 +108,21 @@ def test_bad_input(recipes: dict[str, Path], tmp_path: Path, capsys: pytest.Capt
         assert code == 2, (args, out, err)
         assert message in err and len(err.strip().splitlines()) == 1, (args, err)
         assert sorted(tmp_path.rglob("*")) == before and not (tmp_path / "new").exists(), args
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_is_an_error_and_its_bands_are_skipped(recipes: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "dev.tsv"
+    bad.write_text("sentence\tlabel\nThe list returns a value.\t\n", encoding="utf-8")  # an empty label
+    recipe = recipes["met"].read_text().replace(str(recipes["met"].parent / "dev.tsv"), str(bad))
+    path = tmp_path / "badrow.yaml"
+    path.write_text(recipe, encoding="utf-8")
+    junit = tmp_path / "junit.xml"
+    done = run_cli("reproduce", str(path), "--junit", str(junit), "--output", str(tmp_path / "runs"))
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "FAILED (exit 2)" in done.stdout
+    cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
+    error = cases["run"].find("error")
+    assert error is not None and "exited 2 without final metrics" in error.get("message", "")
+    assert "label" in (error.text or "")  # the run's own one-line error, for the CI page
+    assert all(cases[name].find("skipped") is not None for name in cases if name != "run")
