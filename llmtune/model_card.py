@@ -211,6 +211,10 @@ def _procedure(recipe: Any, env: dict[str, Any], status: dict[str, Any], step: i
     counts = ", ".join(f"{k} {v:,}" for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool))
     if counts:
         rows.append(("data", counts))
+    done = status.get("step") or step
+    if done and data.get("train_examples"):
+        seen = done * t.batch_size * t.grad_accum * world
+        rows.append(("examples seen", f"{seen:,} ({seen / data['train_examples']:.2f} epochs)"))
     return rows
 
 
