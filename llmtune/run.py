@@ -293,8 +293,7 @@ def train(
     with run.locked() if accelerator.is_main_process else contextlib.nullcontext():
         _write_run_files(accelerator, run, recipe, recipe_path, tokenizer, model, overwrite, prepared.stats)
         status = StatusRecord(run.root, accelerator.is_main_process, resume, began=started)
-        status.write("running", total_steps=steps)
-        try:
+        with status.recorded(total_steps=steps):
             return _fit(
                 accelerator,
                 run,
@@ -310,12 +309,6 @@ def train(
                 prep_seconds,
                 status,
             )
-        except KeyboardInterrupt:
-            status.write("interrupted")
-            raise
-        except BaseException as exc:
-            status.write("failed", error=" ".join(f"{type(exc).__name__}: {exc}".split())[:500])
-            raise
 
 
 def _write_run_files(

@@ -13,8 +13,10 @@ the standard library.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -75,3 +77,17 @@ class StatusRecord:
         else:
             self.record.pop("error", None)
         write_text_atomic(self.path, json.dumps(self.record, indent=1))
+
+    @contextlib.contextmanager
+    def recorded(self, total_steps: int | None = None) -> Iterator[StatusRecord]:
+        """Record "running" now, then "failed" (with the error) if the block raises, "interrupted" if it is
+        stopped (Ctrl-C, a signal turned into SystemExit); the block records its own normal end."""
+        self.write("running", total_steps=total_steps)
+        try:
+            yield self
+        except (KeyboardInterrupt, SystemExit):
+            self.write("interrupted")
+            raise
+        except Exception as exc:
+            self.write("failed", error=" ".join(f"{type(exc).__name__}: {exc}".split())[:500])
+            raise
