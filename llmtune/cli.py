@@ -282,6 +282,46 @@ def sweep(
     raise typer.Exit(run_sweep(options))
 
 
+@app.command()
+def reproduce(
+    recipes: Annotated[list[str], typer.Argument(help="The recipe YAML files, each with an expect: block.")],
+    set_: SetOption = None,
+    junit: Annotated[
+        str | None, typer.Option(help="Also write a JUnit XML report here: each recipe and each band a test case.")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option(help="Folder for the runs, one fresh directory per recipe; default ./reproduce-TIME.")
+    ] = None,
+) -> None:
+    """Train each recipe afresh and check its expect: bands (what a CI job runs): one summary table, optional JUnit
+    XML; exit 1 if a band is missed or a run fails."""
+    from llmtune.reproduce import reproduce as run_reproduce
+
+    raise typer.Exit(run_reproduce(recipes, set_ or [], junit, output))
+
+
+@app.command()
+def runs(
+    folder: Annotated[str, typer.Argument(help="The folder to search (a few levels deep) for run directories.")] = ".",
+    sort: Annotated[
+        str | None, typer.Option(help="Best first by this metric, in its declared direction: --sort eval/f1.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the runs under a folder: task, model, strategy, steps, best metric, status (finished, interrupted,
+    failed, running) and wall time."""
+    from llmtune.runs_table import as_json as runs_json
+    from llmtune.runs_table import format_table, list_runs
+
+    found = list_runs(folder, sort)
+    if as_json:
+        typer.echo(runs_json(found))
+    elif not found:
+        typer.echo(f"no run directories under {folder}")
+    else:
+        typer.echo(format_table(found, sort))
+
+
 def main() -> None:
     """Console entry point: user errors (bad input, bad options) become one line on stderr and exit code 2."""
     try:

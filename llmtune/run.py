@@ -21,6 +21,7 @@ from llmtune.expect import check_expectations, format_checks
 from llmtune.launch import sharding_warning
 from llmtune.recipe import Recipe, dump_recipe, load_recipe
 from llmtune.run_dir import FINAL_METRICS, RunDir
+from llmtune.run_status import StatusRecord
 from llmtune.trackers import check_installed
 
 
@@ -110,7 +111,12 @@ def _finished_run(run: RunDir, recipe: Recipe, action: str) -> int:
         )
     metrics = json.loads(saved.read_text(encoding="utf-8"))["metrics"]
     with run.locked():
+        status = StatusRecord(run.root, True, resumed=True)
+        from llmtune.model_card import write_model_card
+
+        write_model_card(run, recipe, status.wall_seconds())
         write_text_atomic(run.final_metrics, json.dumps(metrics, indent=1))
+        status.write("finished")
     print(f"run {run.root}: final/ was written but the run stopped before its end; completed final_metrics.json")
     print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return _report_expectations(None, recipe, metrics)
@@ -291,9 +297,23 @@ def train(
     # run's lock (held by the main process until it exits).
     with run.locked() if accelerator.is_main_process else contextlib.nullcontext():
         _write_run_files(accelerator, run, recipe, recipe_path, tokenizer, model, overwrite, prepared.stats)
-        return _fit(
-            accelerator, run, recipe, task, model, tokenizer, prepared, applied, modules, resume, origin, prep_seconds
-        )
+        status = StatusRecord(run.root, accelerator.is_main_process, resume, began=started)
+        with status.recorded(total_steps=steps):
+            return _fit(
+                accelerator,
+                run,
+                recipe,
+                task,
+                model,
+                tokenizer,
+                prepared,
+                applied,
+                modules,
+                resume,
+                origin,
+                prep_seconds,
+                status,
+            )
 
 
 def _write_run_files(
@@ -337,8 +357,9 @@ def _fit(
     resume: bool,
     origin: str,
     prep_seconds: float,
+    status: StatusRecord,
 ) -> int:
-    """Train, write final/ and the final metrics, check `expect:`; the exit code."""
+    """Train, write final/ (with its model card) and the final metrics, check `expect:`; the exit code."""
     from llmtune.checkpoint import list_checkpoints
     from llmtune.strategies import count_parameters, strategy_info
     from llmtune.tracking import MetricsLog, Progress
@@ -391,6 +412,7 @@ def _fit(
             ]
         ),
     )
+    status.write("running", trainer.state.step, trainer.total_steps)
     progress = Progress(trainer.total_steps, trainer.state.step, accelerator.is_main_process)
     try:
         try:
@@ -398,10 +420,15 @@ def _fit(
         finally:
             progress.close()
         if result.interrupted:
+            status.write("interrupted", result.steps)
             return 130
         metrics = _final_model(accelerator, trainer, result, recipe, run, progress)
         if accelerator.is_main_process:
+            from llmtune.model_card import write_model_card
+
+            write_model_card(run, recipe, status.wall_seconds())
             write_text_atomic(run.final_metrics, json.dumps(metrics, indent=1))
+            status.write("finished", result.steps)
             if recipe.tracking:
                 from llmtune.trackers import log_final
 

@@ -7,6 +7,7 @@
     checkpoints/step-N/    resumable checkpoints; checkpoints/best/ the best evaluated model
     final/                 the model to use (a Hugging Face directory) + llmtune_metrics.json
     final_metrics.json     the final metrics (written last: a run with it is complete)
+    run_status.json        running / finished / interrupted / failed, steps, wall time over all sessions
     eval/                  what `llmtune eval RUN` wrote
     tracking/              trackers' files: tensorboard/, wandb/ (offline runs), mlflow.db + mlflow-artifacts/
     .lock                  held by the process writing the run (released by the OS when it dies)
@@ -92,6 +93,11 @@ class RunDir:
         return "tracking"
 
     @property
+    def status(self) -> Path:
+        """How the run's training sessions ended (`llmtune.run_status`)."""
+        return self.root / "run_status.json"
+
+    @property
     def lock_file(self) -> Path:
         """The lock a writing process holds."""
         return self.root / ".lock"
@@ -103,6 +109,7 @@ class RunDir:
             self.environment,
             self.metrics,
             self.final_metrics,
+            self.status,
             self.tokenizer,
             self.checkpoints,
             self.final,

@@ -101,7 +101,7 @@ def test_onnx_fp32_matches_pytorch_and_int8_agrees(
     for metric, value in source["metrics"].items():
         assert export["metrics"][metric] == pytest.approx(value, abs=1e-3), metric
     assert sorted(p.name for p in (tmp_path / "fp32").iterdir()) == sorted(
-        ["config.json", "export_report.json", "llmtune_export.json", "llmtune_recipe.yaml", "model.onnx"]
+        ["README.md", "config.json", "export_report.json", "llmtune_export.json", "llmtune_recipe.yaml", "model.onnx"]
         + [p.name for p in (run / "final").iterdir() if p.name.startswith("tokenizer")]
     )
     record = json.loads((tmp_path / "fp32" / "llmtune_export.json").read_text())

@@ -5,7 +5,8 @@ What can be asked for, and combined: `--merge` (fold LoRA / AdaLoRA / IA3 into t
 the forward pass: classification, tagging and QA) and `--quantize int8` (ONNX Runtime dynamic int8, which
 implies ONNX). The export directory holds the model, its config and tokenizer, `llmtune_export.json`
 (what was done, settings, versions), `llmtune_recipe.yaml` (the run's recipe, so `llmtune eval EXPORT`
-knows its task and data) and `export_report.json`: size, parameters, CPU latency and throughput, and
+knows its task and data), `README.md` (the run's model card, updated with the export's method, settings and
+metrics before and after) and `export_report.json`: size, parameters, CPU latency and throughput, and
 every metric, for the source model and the export, measured in this one process. The recipe's `expect:`
 bands are checked against the export (exit 1 when missed).
 """
@@ -168,6 +169,10 @@ def _export(ref: Any, recipe: Any, adapter: dict[str, Any] | None, options: Expo
             report["max_abs_output_difference"] = _max_difference(exported, reloaded, rows, collate, options)
         report["what"] = done["steps"]
         (tmp / REPORT).write_text(json.dumps(report, indent=1), encoding="utf-8")
+        from llmtune.model_card import write_export_card
+        from llmtune.recipe import load_recipe
+
+        write_export_card(ref.run, load_recipe(ref.run.recipe), tmp, str(target), done, report)
     print(format_report([source, result], options.batch_size))
     if "max_abs_output_difference" in report:
         print(f"largest output difference from the PyTorch model: {report['max_abs_output_difference']:.3g}")
