@@ -437,3 +437,32 @@ def test_batch_wait_ends_when_the_previous_batch_is_back() -> None:
     assert back < 0.25, f"the second batch of 8 waited {back:.3f}s for rows that could not come"
     assert fewer >= 0.29, f"a half-full batch ran after {fewer:.3f}s, before batch_wait_ms"
     assert sum(batches) == 20
+
+
+def test_the_listening_socket_gives_connections_tcp_nodelay() -> None:
+    """Connections accepted on `llmtune serve`'s socket get TCP_NODELAY from asyncio: without it every response's
+    body, written after its headers, waited ~40 ms for the client's delayed ACK (bench_serve found it)."""
+    import asyncio
+    import socket as sockets
+
+    from llmtune.serve.run import _bind
+
+    async def accepted_nodelay() -> int:
+        listener = _bind("127.0.0.1", 0)
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            seen.set_result(sock.getsockopt(sockets.IPPROTO_TCP, sockets.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=listener)
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+            value = await asyncio.wait_for(seen, 10)
+            writer.close()
+            return value
+        finally:
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
