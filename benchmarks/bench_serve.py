@@ -289,6 +289,8 @@ class Row:
     errors: dict[str, int]  # requests without an answer, by client exception
     peak_rss_mib: float | None
     labels: list[str | None] = field(repr=False)  # per request index
+    rows_per_batch: float | None = None  # llmtune: mean rows per model call during the load (/metrics)
+    model_ms_per_batch: float | None = None  # llmtune: mean model time per batch (/metrics)
 
     @property
     def failed(self) -> int:
@@ -422,6 +424,8 @@ def serve_command(model: Path, port: int, args: argparse.Namespace, max_queue: i
         str(port),
         "--max-batch-size",
         str(args.max_batch_size),
+        "--max-batch-tokens",
+        str(args.max_batch_tokens),
         "--batch-wait-ms",
         str(args.batch_wait_ms),
         "--max-queue",
@@ -435,12 +439,41 @@ def model_directory(run: Path) -> Path:
     return final if (final / "config.json").is_file() else run
 
 
+async def batch_counters(server: Server) -> dict[str, float]:
+    """llmtune's /metrics counters of model batches (`llmtune_batch_rows` / `llmtune_batch_seconds` sums and
+    count); empty for the baseline, which has none."""
+    import httpx
+
+    if server.name == BASELINE:
+        return {}
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        text = (await client.get("/metrics")).text
+    wanted = ("llmtune_batch_rows_sum", "llmtune_batch_rows_count", "llmtune_batch_seconds_sum")
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            found[name] = float(value)
+    return found
+
+
 async def measure(server: Server, texts: list[str], concurrency: int, timeout: float) -> Row:
-    """One closed-loop load against one server, its peak RSS during the load."""
+    """One closed-loop load against one server: its answers, its peak RSS during the load and (llmtune) the model
+    batches it ran (/metrics before and after)."""
     assert server.process is not None
+    before = await batch_counters(server)
     server.load_peak_reset = reset_peak_rss(server.process.pid)
     answers, seconds = await closed_loop(server.url, texts, concurrency, timeout)
-    return row_of(server.name, concurrency, answers, seconds, peak_rss_mib(server.process.pid))
+    row = row_of(server.name, concurrency, answers, seconds, peak_rss_mib(server.process.pid))
+    after = await batch_counters(server)
+    if after:
+        batches = after["llmtune_batch_rows_count"] - before["llmtune_batch_rows_count"]
+        if batches:
+            row.rows_per_batch = (after["llmtune_batch_rows_sum"] - before["llmtune_batch_rows_sum"]) / batches
+            row.model_ms_per_batch = (
+                1000 * (after["llmtune_batch_seconds_sum"] - before["llmtune_batch_seconds_sum"]) / batches
+            )
+    return row
 
 
 async def warm_up(server: Server, texts: list[str]) -> None:
@@ -462,10 +495,12 @@ def report(
 ) -> str:
     """The printed result: settings, the table, agreement, overload, targets."""
     lines = [
-        f"\nllmtune serve: all-MiniLM-L6-v2 SST-2 classifier ({args.model_note}); dev accuracy {accuracy}",
+        f"\nllmtune serve: all-MiniLM-L6-v2 SST-2 classifier ({args.model_note}); dev accuracy "
+        f"{'n/a' if accuracy is None else format(accuracy, '.4f')} (final_metrics.json)",
         f"llmtune {source.version}, imported from {source.path}; {args.threads} threads per server "
         f"(OMP_NUM_THREADS) on {os.cpu_count()} CPUs; client: this process, asyncio + httpx on loopback",
-        f"llmtune serve --max-batch-size {args.max_batch_size} --batch-wait-ms {args.batch_wait_ms:g} "
+        f"llmtune serve --max-batch-size {args.max_batch_size} --max-batch-tokens {args.max_batch_tokens} "
+        f"--batch-wait-ms {args.batch_wait_ms:g} "
         f"--max-queue {args.max_queue}; baseline: plain transformers fp32, one request per forward, one at a time",
         f"load: {args.requests} POST /v1/classify of SST-2 dev sentences per row, closed loop at each concurrency; "
         f"request timeout {args.request_timeout:g}s",
@@ -482,6 +517,8 @@ def report(
         Column("ok", 5),
         Column("errors", 14, left=True),
         Column("peak MiB", 8, ".0f"),
+        Column("rows/batch", 10, ".1f"),
+        Column("model ms", 8, ".1f"),
     ]
     by = {(r.server, r.concurrency): r for r in rows}
     table_rows = []
@@ -499,6 +536,8 @@ def report(
                 r.ok,
                 " ".join(f"{k}:{v}" for k, v in problems.items()) or "0",
                 r.peak_rss_mib,
+                r.rows_per_batch,
+                r.model_ms_per_batch,
             ]
         )
     lines += harness.table(columns, table_rows)
@@ -507,6 +546,7 @@ def report(
         "req/s: 200 answers over the load's wall time; p50 / p99: latency of the 200 answers as the client saw it; "
         "peak MiB: the server's VmHWM during the load"
         + (" (reset before it)." if reset else " (could not be reset: the process's peak so far)."),
+        "rows/batch, model ms: llmtune's model calls during the load and their mean time (its /metrics).",
         f"served labels vs SST-2 gold on the {args.requests} request sentences: "
         + ", ".join(f"{k} {v:.4f}" for k, v in served_accuracy.items()),
         *(f"labels {k}: {v}" for k, v in agreement.items()),
@@ -535,7 +575,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, default=1.0, help="Epochs of the fine-tune.")
     parser.add_argument("--batch-size", type=int, default=32, help="Training batch of the fine-tune.")
     parser.add_argument("--max-length", type=int, default=128, help="Tokens per sentence at most (both servers).")
-    parser.add_argument("--lr", type=float, default=bench_sst2.LEARNING_RATES["full"], help="Fine-tune peak lr.")
+    parser.add_argument(
+        "--lr", type=float, default=1e-4, help="Fine-tune peak lr (short fine-tune: twice bench_sst2's)."
+    )
     parser.add_argument("--warmup-steps", type=int, default=10, help="Linear warmup of the fine-tune.")
     parser.add_argument("--seed", type=int, default=42, help="Seed of the fine-tune.")
     parser.add_argument("--sst2", type=Path, default=bench_sst2.SST2, help="Folder with train.tsv and dev.tsv.")
@@ -543,8 +585,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,8,32,64", help="Comma-separated client concurrencies.")
     parser.add_argument("--int8-concurrency", default="1,32", help="Concurrencies the int8 export is loaded at.")
     parser.add_argument("--no-int8", action="store_true", help="Do not export and serve the int8 ONNX model.")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Threads per server process.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="Intra-op threads per server (OMP_NUM_THREADS); default half the CPUs, the rest for the client.",
+    )
     parser.add_argument("--max-batch-size", type=int, default=32, help="llmtune serve --max-batch-size.")
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=512, help="llmtune serve --max-batch-tokens (rows x longest row)."
+    )
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="llmtune serve --batch-wait-ms.")
     parser.add_argument("--max-queue", type=int, default=256, help="llmtune serve --max-queue (the sweep).")
     parser.add_argument("--overload-queue", type=int, default=16, help="--max-queue of the overload server.")
