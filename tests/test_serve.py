@@ -379,7 +379,7 @@ def test_bad_model_and_port_are_one_line(
 
 def test_predict_wraps_the_rows_without_hashing_them(monkeypatch: pytest.MonkeyPatch) -> None:
     """Engine.predict hands the task a Dataset of the rows, in order, without fingerprinting it (Dataset.from_list
-    hashes every row with dill: a quarter of a one-sentence MiniLM request's time, measured by bench_serve)."""
+    hashes every row with dill: the largest cost after the model of a one-sentence MiniLM request)."""
     import datasets.arrow_dataset
 
     from llmtune.serve.engine import Engine
@@ -441,7 +441,7 @@ def test_batch_wait_ends_when_the_previous_batch_is_back() -> None:
 
 def test_the_listening_socket_gives_connections_tcp_nodelay() -> None:
     """Connections accepted on `llmtune serve`'s socket get TCP_NODELAY from asyncio: without it every response's
-    body, written after its headers, waited ~40 ms for the client's delayed ACK (bench_serve found it)."""
+    body, written after its headers, waited for the client's delayed ACK (bench_serve found it)."""
     import asyncio
     import socket as sockets
 

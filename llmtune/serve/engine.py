@@ -100,8 +100,8 @@ class Engine:
         from datasets import Dataset
         from datasets.table import InMemoryTable
 
-        # Not Dataset.from_list: it names the dataset by hashing every row (dill), which took a quarter of a
-        # one-sentence MiniLM request. These rows live for one call and are never cached: any unique name does.
+        # Not Dataset.from_list: it names the dataset by hashing every row (dill), the largest cost after the model
+        # of a one-sentence MiniLM request. These rows live for one call and are never cached: any unique name does.
         rows_dataset = Dataset(InMemoryTable.from_pylist(rows), fingerprint=uuid.uuid4().hex)
         records = self.task.predict_rows(self.model, rows_dataset)
         return sorted(records, key=lambda r: r.get("index", 0))
