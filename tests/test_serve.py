@@ -375,3 +375,94 @@ def test_bad_model_and_port_are_one_line(
         port = str(taken.getsockname()[1])
         code, _, err = run_cli_in_process(capsys, "serve", str(runs["cls"]), "--port", port)
     assert code == 2 and "cannot listen there" in err and err.count("\n") == 1
+
+
+def test_predict_wraps_the_rows_without_hashing_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine.predict hands the task a Dataset of the rows, in order, without fingerprinting it (Dataset.from_list
+    hashes every row with dill: the largest cost after the model of a one-sentence MiniLM request)."""
+    import datasets.arrow_dataset
+
+    from llmtune.serve.engine import Engine
+
+    def refuse(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("the rows were hashed for a fingerprint")
+
+    monkeypatch.setattr(datasets.arrow_dataset, "generate_fingerprint", refuse)
+
+    class Task:
+        name = "sequence-classification"
+
+        def predict_rows(self, model: Any, rows: Any) -> list[dict[str, Any]]:
+            return [{"index": i, "text": row["sentence"]} for i, row in reversed(list(enumerate(rows)))]
+
+    engine = Engine("m", Task(), None, None, None)
+    assert engine.predict([{"sentence": "a"}, {"sentence": "b"}]) == [
+        {"index": 0, "text": "a"},
+        {"index": 1, "text": "b"},
+    ]
+
+
+def test_batch_wait_ends_when_the_previous_batch_is_back() -> None:
+    """Under load a batch waits up to batch_wait_ms to fill, but no longer than until as many rows wait as the
+    previous batch held (closed-loop clients send nothing more until answered: waiting would idle the model)."""
+    import asyncio
+
+    from llmtune.serve.batching import Batcher, Job, Limits
+
+    batches: list[int] = []
+
+    def run_batch(kind: str, rows: list[Any]) -> list[Any]:
+        batches.append(len(rows))
+        return rows
+
+    async def rounds() -> tuple[float, float]:
+        batcher = Batcher(Limits(max_batch_size=32, batch_wait_ms=300), run_batch)
+        batcher.start()
+        try:
+
+            async def round_of(count: int) -> float:
+                started = time.perf_counter()
+                jobs = [batcher.submit(Job("classify", [i], 1)) for i in range(count)]
+                assert await asyncio.wait_for(asyncio.gather(*jobs), 10) == [[i] for i in range(count)]
+                return time.perf_counter() - started
+
+            await round_of(8)
+            back = await round_of(8)  # all eight clients are back: no wait
+            fewer = await round_of(4)  # half of them: the batch waits for more, up to batch_wait_ms
+            return back, fewer
+        finally:
+            await batcher.stop()
+
+    back, fewer = asyncio.run(rounds())
+    assert back < 0.25, f"the second batch of 8 waited {back:.3f}s for rows that could not come"
+    assert fewer >= 0.29, f"a half-full batch ran after {fewer:.3f}s, before batch_wait_ms"
+    assert sum(batches) == 20
+
+
+def test_the_listening_socket_gives_connections_tcp_nodelay() -> None:
+    """Connections accepted on `llmtune serve`'s socket get TCP_NODELAY from asyncio: without it every response's
+    body, written after its headers, waited for the client's delayed ACK (bench_serve found it)."""
+    import asyncio
+    import socket as sockets
+
+    from llmtune.serve.run import _bind
+
+    async def accepted_nodelay() -> int:
+        listener = _bind("127.0.0.1", 0)
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            seen.set_result(sock.getsockopt(sockets.IPPROTO_TCP, sockets.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=listener)
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+            value = await asyncio.wait_for(seen, 10)
+            writer.close()
+            return value
+        finally:
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0

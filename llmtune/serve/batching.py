@@ -3,9 +3,10 @@
 The worker takes the oldest waiting request and adds the waiting requests of the same kind closest to it in
 length, up to `max_batch_size` rows and `max_batch_tokens` (rows x the longest row's tokens), so batches
 pad little. When the previous batch held one request (a lone client) it runs at once; under load it waits
-up to `batch_wait_ms` for a batch to fill. A full queue refuses new work (`QueueFull`, answered 503) instead
-of growing without bound. Work that cannot share a batch (sampled or streamed generation) runs alone, in
-arrival order, on the same thread: the model is never called concurrently.
+up to `batch_wait_ms` for a batch to fill, and no longer than until as many rows wait as the previous batch
+held. A full queue refuses new work (`QueueFull`, answered 503) instead of growing without bound. Work that
+cannot share a batch (sampled or streamed generation) runs alone, in arrival order, on the same thread: the
+model is never called concurrently.
 """
 
 from __future__ import annotations
@@ -110,13 +111,16 @@ class Batcher:
         return chosen
 
     async def _fill(self) -> None:
-        """Under load, give a batch up to batch_wait_ms to fill; a lone client is served at once."""
+        """Under load, give a batch up to batch_wait_ms to fill; a lone client is served at once. The wait also
+        ends once as many rows wait as the previous batch held: the clients it answered are back, and waiting
+        longer would leave the model idle for nothing (closed-loop clients send nothing more until answered)."""
         if self.last_batch_rows <= 1 or self.limits.batch_wait_ms <= 0:
             return
         deadline = self.waiting[0].queued + self.limits.batch_wait_ms / 1000
+        enough = min(self.limits.max_batch_size, self.last_batch_rows)
         while time.perf_counter() < deadline:
             same = sum(len(j.rows) for j in self.waiting if j.kind == self.waiting[0].kind)
-            if same >= self.limits.max_batch_size:
+            if same >= enough:
                 return
             await asyncio.sleep(min(0.001, max(deadline - time.perf_counter(), 0)))
 

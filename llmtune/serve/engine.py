@@ -95,9 +95,15 @@ class Engine:
     # --- batched predictions --------------------------------------------------------------------------
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The task's per-example predictions for rows of the task's columns, in the rows' order."""
-        from datasets import Dataset
+        import uuid
 
-        records = self.task.predict_rows(self.model, Dataset.from_list(rows))
+        from datasets import Dataset
+        from datasets.table import InMemoryTable
+
+        # Not Dataset.from_list: it names the dataset by hashing every row (dill), the largest cost after the model
+        # of a one-sentence MiniLM request. These rows live for one call and are never cached: any unique name does.
+        rows_dataset = Dataset(InMemoryTable.from_pylist(rows), fingerprint=uuid.uuid4().hex)
+        records = self.task.predict_rows(self.model, rows_dataset)
         return sorted(records, key=lambda r: r.get("index", 0))
 
     def classify_rows(self, texts: list[str], pairs: list[str] | None) -> list[dict[str, Any]]:

@@ -80,7 +80,9 @@ def _server_class(uvicorn: Any) -> Any:
 def _bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so that a port in use is one clear line."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on connections whose socket says TCP, and
+    # without it a response's body (written after its headers) waits for the client's delayed ACK (Nagle).
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))
