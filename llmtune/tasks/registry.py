@@ -230,7 +230,8 @@ class DialogueSpec(Section):
             "assistant": "assistant",
         },
         description="messages / sharegpt: each role (or ShareGPT `from`) name of the data -> system, user or "
-        "assistant; a name not listed is an error.",
+        "assistant (default human, user -> user; gpt, assistant -> assistant; system -> system); a name not "
+        "listed is an error.",
     )
     separator: str = Field("__eou__", min_length=1, description="text: what ends (or separates) the turns.")
     first_speaker: Literal["user", "assistant"] = Field(
