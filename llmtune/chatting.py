@@ -50,7 +50,7 @@ class ChatSession:
         from llmtune.tasks.chat import ChatRenderer
 
         self.model, self.tokenizer, self.options, self.notices = model, tokenizer, options, notices
-        self.renderer = ChatRenderer(tokenizer, None)
+        self.renderer = ChatRenderer(tokenizer, None, "the model's chat template")
         self.system = options.system
         self.history: list[dict[str, str]] = []
         limit = context_length(model.config)
