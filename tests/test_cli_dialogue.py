@@ -150,9 +150,11 @@ def test_chat_drops_the_oldest_turns_when_the_history_overflows(
     tok = AutoTokenizer.from_pretrained(str(run["out"] / "final"))
     said = ["the empty parser", "the small socket", "the lazy list", "the frozen frame"]
     system = {"role": "system", "content": "be brief"}
-    alone = max(
-        len(tok.apply_chat_template([system, {"role": "user", "content": m}], add_generation_prompt=True)) for m in said
-    )
+    texts = [
+        tok.apply_chat_template([system, {"role": "user", "content": m}], add_generation_prompt=True, tokenize=False)
+        for m in said
+    ]
+    alone = max(len(tok(text, add_special_tokens=False)["input_ids"]) for text in texts)
     # Room for any one message and its 4-token reply, not for an earlier exchange besides.
     context = str(alone + 4 + 6)
     code, stdout, stderr = chat_in_process(
