@@ -44,7 +44,7 @@ def finetune(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in output_dir.")] = False,
 ) -> None:
     """Fine-tune as the recipe says (sequence-classification, token-classification, question-answering,
-    seq2seq, causal-lm / instruction tuning); exit 1 if an expect: bound is missed."""
+    seq2seq, causal-lm / instruction tuning, dialogue); exit 1 if an expect: bound is missed."""
     from llmtune.run import train
 
     raise typer.Exit(train(recipe, set_ or [], resume=resume, overwrite=overwrite, command="finetune"))
