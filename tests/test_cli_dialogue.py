@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,16 @@ def test_chat_replies_as_generate_does(
     after = [system, u[1], {"role": "assistant", "content": replies[2]}, u[2]]
     assert replies[3] + "\n" == generated(capsys, out, after)  # /system applies to the kept history
     assert "conversation reset" in stderr and "system prompt set: 'be brief'" in stderr
+    # The same through a real pipe, as a user's `printf ... | llmtune chat` runs it.
+    piped = subprocess.run(
+        [sys.executable, "-m", "llmtune", "chat", str(out), "--max-new-tokens", "4"],
+        input="the empty parser\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert piped.returncode == 0 and piped.stdout == first, piped.stderr[-2000:]
 
 
 def test_chat_drops_the_oldest_turns_when_the_history_overflows(
