@@ -160,8 +160,9 @@ def default_system_prompt(recipe: Any) -> str | None:
     return getattr(section, "system_prompt", None)
 
 
-def chat(model_name: str, options: ChatOptions, lines: TextIO = sys.stdin) -> None:
-    """`llmtune chat`: load the model, then read messages and commands until /exit or the end of input."""
+def chat(model_name: str, options: ChatOptions, lines: TextIO | None = None) -> None:
+    """`llmtune chat`: load the model, then read messages and commands (from `lines`, default stdin) until /exit
+    or the end of input."""
     from transformers import set_seed
 
     from llmtune.inference import resolve_model
@@ -177,6 +178,7 @@ def chat(model_name: str, options: ChatOptions, lines: TextIO = sys.stdin) -> No
         options.system = default_system_prompt(ref.recipe)
     session = ChatSession(model, tokenizer, options, sys.stderr)
     set_seed(options.seed)
+    lines = sys.stdin if lines is None else lines  # looked up now: tests and callers may replace sys.stdin
     terminal = lines.isatty()
     if terminal:
         session.note(f"chatting with {ref.model}; {COMMANDS}")

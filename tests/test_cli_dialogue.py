@@ -90,6 +90,12 @@ def test_sharegpt_chat_tuning_reports_dialogue_metrics(run: dict[str, Any]) -> N
         assert key in final, key
     assert 0 <= final["eval/rougeL"] <= 100 and 0 < final["eval/gen_len"] <= 4
     assert "eval/responses" in done.stdout  # the expect: table
+    again = run_cli("eval", str(out), "--json")  # the run's recipe, its dialogue section included
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads(again.stdout)["metrics"]
+    assert metrics.keys() == final.keys()
+    for key, value in final.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5), key
 
 
 def chat_in_process(
