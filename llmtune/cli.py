@@ -44,7 +44,7 @@ def finetune(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in output_dir.")] = False,
 ) -> None:
     """Fine-tune as the recipe says (sequence-classification, token-classification, question-answering,
-    seq2seq, causal-lm / instruction tuning); exit 1 if an expect: bound is missed."""
+    seq2seq, causal-lm / instruction tuning, dialogue); exit 1 if an expect: bound is missed."""
     from llmtune.run import train
 
     raise typer.Exit(train(recipe, set_ or [], resume=resume, overwrite=overwrite, command="finetune"))
@@ -182,6 +182,33 @@ def generate(
 
     for text in run_generate(model, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, num_return):
         typer.echo(text)
+
+
+@app.command()
+def chat(
+    model: Annotated[
+        str, typer.Argument(help="A run directory, a model directory or a hub id (a chat-tuned causal LM).")
+    ],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply in tokens.")] = 50,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="Sampling temperature (implies --sample).")] = None,
+    top_k: Annotated[int | None, typer.Option(min=0, help="Sample from the k likeliest tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    system: Annotated[
+        str | None, typer.Option(help="The system prompt; default a dialogue run's dialogue.system_prompt.")
+    ] = None,
+    context: Annotated[
+        int | None,
+        typer.Option(min=2, help="Tokens of conversation kept (history + reply); default the model's context."),
+    ] = None,
+) -> None:
+    """Talk with a chat-tuned causal LM: history kept, replies streamed; /reset, /system TEXT, /exit. Reads one
+    message per line when stdin is not a terminal."""
+    from llmtune.chatting import ChatOptions
+    from llmtune.chatting import chat as run_chat
+
+    run_chat(model, ChatOptions(max_new_tokens, sample, temperature, top_k, top_p, seed, system, context))
 
 
 @app.command()

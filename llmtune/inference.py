@@ -224,6 +224,13 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def sampling_kwargs(sample: bool, temperature: float | None, top_k: int | None, top_p: float | None) -> dict[str, Any]:
+    """`generate` keyword arguments for greedy decoding or sampling (which any sampling option implies)."""
+    if not (sample or any(v is not None for v in (temperature, top_k, top_p))):
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature or 1.0, "top_k": top_k or 0, "top_p": top_p or 1.0}
+
+
 def generate(
     model_name: str,
     prompt: str,
@@ -256,12 +263,10 @@ def generate(
         inputs = {"input_ids": torch.tensor([[tokenizer.bos_token_id or tokenizer.eos_token_id]])}
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
-        "do_sample": do_sample,
         "num_return_sequences": num_return,
         "pad_token_id": tokenizer.pad_token_id,
+        **sampling_kwargs(sample, temperature, top_k, top_p),
     }
-    if do_sample:
-        kwargs.update(temperature=temperature or 1.0, top_k=top_k or 0, top_p=top_p or 1.0)
     with torch.no_grad():
         out = model.generate(**inputs, **kwargs)
     generated = cut_at_eos(out[:, inputs["input_ids"].shape[1] :], eos_ids(model), tokenizer.pad_token_id)

@@ -46,7 +46,8 @@ def checked_messages(value: Any, key: str, role: str, row: int) -> Messages:
 class ChatRenderer:
     """A tokenizer and a chat template: conversations -> text, token ids, and which tokens are assistant's."""
 
-    def __init__(self, tokenizer: Any, template: str | None) -> None:
+    def __init__(self, tokenizer: Any, template: str | None, key: str = "instruction.chat_template") -> None:
+        self.key = key  # the recipe key errors name
         if template is None:
             own = getattr(tokenizer, "chat_template", None)
             template = tokenizer.get_chat_template() if own else DEFAULT_CHAT_TEMPLATE
@@ -61,7 +62,7 @@ class ChatRenderer:
             return self.tokenizer.apply_chat_template(messages, chat_template=self.template, **kwargs)
         except TemplateError as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"instruction.chat_template: rendering {where} failed: {first}") from None
+            raise UserError(f"{self.key}: rendering {where} failed: {first}") from None
 
     def render(self, messages: Messages, where: str, generation_prompt: bool = False) -> str:
         """The conversation as text (with the assistant header after it when `generation_prompt`)."""
@@ -90,7 +91,7 @@ class ChatRenderer:
         start = next((len(b) for b in before if through.startswith(b)), None)
         if start is None or not text.startswith(through):
             raise UserError(
-                f"instruction.chat_template: rendering {where} turn by turn does not give a prefix of the whole "
+                f"{self.key}: rendering {where} turn by turn does not give a prefix of the whole "
                 "conversation, so assistant turns cannot be located; mark them with "
                 "{% generation %}...{% endgeneration %} in the template"
             )

@@ -100,12 +100,12 @@ class InstructionTuning(FinetuneTask):
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         if not self.labelled and self.spec.max_new_tokens >= self.max_length:
             raise UserError(
-                f"instruction.max_new_tokens: {self.spec.max_new_tokens} leaves no room for the prompt within "
+                f"{self.entry.section}.max_new_tokens: {self.spec.max_new_tokens} leaves no room for the prompt within "
                 f"data.max_length ({self.max_length}); lower it or raise data.max_length"
             )
         if self.chat:
             require_fast_tokenizer(tokenizer, "chat tuning", "finds assistant tokens by offsets")
-            self.renderer = ChatRenderer(tokenizer, self.spec.chat_template)
+            self.renderer = ChatRenderer(tokenizer, self.spec.chat_template, f"{self.entry.section}.chat_template")
             # Saved with the tokenizer (run_dir/tokenizer, final/), so the model is used as it was trained.
             tokenizer.chat_template = self.renderer.template
 

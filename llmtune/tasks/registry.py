@@ -213,6 +213,59 @@ class InstructionSpec(Section):
     max_new_tokens: int = Field(128, ge=1, description="predict: the longest response generated (greedy).")
 
 
+class DialogueSpec(Section):
+    """dialogue: the conversation format, which turns are trained on, and evaluation by generation."""
+
+    format: Literal["messages", "sharegpt", "text"] = Field(
+        "messages",
+        description="messages: lists of {role, content} (OpenAI); sharegpt: lists of {from, value}; text: one "
+        "string per conversation, turns joined by dialogue.separator (DailyDialog).",
+    )
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=lambda: {
+            "human": "user",
+            "gpt": "assistant",
+            "system": "system",
+            "user": "user",
+            "assistant": "assistant",
+        },
+        description="messages / sharegpt: each role (or ShareGPT `from`) name of the data -> system, user or "
+        "assistant (default human, user -> user; gpt, assistant -> assistant; system -> system); a name not "
+        "listed is an error.",
+    )
+    separator: str = Field("__eou__", min_length=1, description="text: what ends (or separates) the turns.")
+    first_speaker: Literal["user", "assistant"] = Field(
+        "user", description="text: the role of the first turn; the speakers alternate."
+    )
+    system_prompt: str | None = Field(
+        None, description="A system message put first in every conversation that has none of its own."
+    )
+    train_on: Literal["all", "last"] = Field(
+        "all", description="all: the loss counts every assistant turn; last: only each conversation's last one."
+    )
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template; default the tokenizer's, else role headers (### User: ...)."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Longest generated response (evaluation, predict).")
+    eval_conversations: int = Field(
+        16,
+        ge=0,
+        description="Evaluation generates the responses of the first this many validation conversations and "
+        "scores them (BLEU, ROUGE-L, distinct-1/2); 0: perplexity only.",
+    )
+    eval_turns: int = Field(4, ge=1, description="At most this many assistant turns generated per conversation.")
+
+
+DIALOGUE_GENERATION_METRICS = ("eval/bleu", "eval/rougeL", "eval/distinct_1", "eval/distinct_2", "eval/gen_len")
+
+
+def _dialogue_metrics(recipe: Any) -> list[str]:
+    names = [m.name for m in LM_METRICS]
+    if recipe.dialogue.eval_conversations > 0:
+        names += [*DIALOGUE_GENERATION_METRICS, "eval/responses"]
+    return names
+
+
 # --- the registry ---------------------------------------------------------------------------------------------------
 
 TASKS: tuple[TaskEntry, ...] = (
@@ -246,6 +299,35 @@ TASKS: tuple[TaskEntry, ...] = (
         ),
         metrics=LM_METRICS,
         check=_check_instruction_columns,
+        predicts=True,
+    ),
+    TaskEntry(
+        name="dialogue",
+        target="llmtune.tasks.dialogue:Dialogue",
+        commands=("finetune",),
+        description="Chat tuning of a causal LM on conversations (messages, ShareGPT, separator-joined text).",
+        section="dialogue",
+        options=DialogueSpec,
+        columns=(
+            Column(
+                "dialogue_column",
+                None,
+                "dialogue: the column holding each conversation; default messages, conversations or text "
+                "(by dialogue.format).",
+                text=True,
+                cells="any",
+            ),
+        ),
+        metrics=(
+            *LM_METRICS,
+            Metric("eval/bleu", True),
+            Metric("eval/rougeL", True),
+            Metric("eval/distinct_1", True),
+            Metric("eval/distinct_2", True),
+            Metric("eval/gen_len", None),
+            Metric("eval/responses", None),
+        ),
+        select=_dialogue_metrics,
         predicts=True,
     ),
     TaskEntry(
