@@ -240,3 +240,22 @@ def test_bad_conversations_are_one_line_exit_2(
     assert code == 2, stderr
     assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
     assert not out.exists()
+
+
+def test_serve_answers_chat_completions_as_chat_does(
+    run: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, one_thread_cli: None
+) -> None:
+    from tests.test_serve import Server
+
+    assert run["done"].returncode == 0, run["done"].stderr[-3000:]
+    out = run["out"]
+    code, stdout, stderr = chat_in_process(capsys, monkeypatch, ["the empty parser"], str(out), "--max-new-tokens", "4")
+    assert code == 0, stderr
+    server = Server(out, log=run["root"] / "serve.log")
+    try:
+        assert server.client.get("/info").json()["task"] == "dialogue"
+        messages = [{"role": "user", "content": "the empty parser"}]
+        answer = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 4}).json()
+    finally:
+        assert server.stop() == 0
+    assert answer["choices"][0]["message"]["content"] == stdout.splitlines()[0]

@@ -23,6 +23,7 @@ ENDPOINTS = {
     "question-answering": "answer",
     "seq2seq": "generate",
     "instruction-tuning": "generate",
+    "dialogue": "generate",
     "causal-lm": "generate",
 }
 
@@ -72,7 +73,7 @@ class Engine:
     @property
     def chat(self) -> bool:
         """Whether the model takes conversations (chat-tuned, or a tokenizer with a chat template)."""
-        if self.task.name == "instruction-tuning":
+        if self.task.name in ("instruction-tuning", "dialogue"):
             return bool(getattr(self.task, "chat", False))
         return self.task.name == "causal-lm" and bool(getattr(self.tokenizer, "chat_template", None))
 
@@ -132,6 +133,9 @@ class Engine:
         data = self.task.data
         if self.task.name == "seq2seq":
             return {data.source_column: prompt}
+        if self.task.name == "dialogue":  # requests are OpenAI messages, whatever format the run trained on
+            conversation = messages or [{"role": "user", "content": prompt or ""}]
+            return {self.task.column: self.task.reader.cell(conversation)}
         if self.task.name == "instruction-tuning":
             if self.chat:  # a chat model given a bare prompt: a one-message conversation
                 return {data.messages_column: messages or [{"role": "user", "content": prompt or ""}]}
@@ -142,7 +146,7 @@ class Engine:
     # --- generation -----------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | None, messages: list[dict[str, Any]] | None) -> list[int]:
         """The token ids a generation continues: the task's own prompt encoding (template, chat template)."""
-        if self.task.name == "instruction-tuning":
+        if self.task.name in ("instruction-tuning", "dialogue"):
             encoded = self.task.encode({k: [v] for k, v in self.prompt_row(prompt, messages).items()}, [0], "serve")
             return list(encoded["input_ids"][0])
         if messages is not None:
@@ -158,7 +162,7 @@ class Engine:
 
     def default_new_tokens(self) -> int:
         """The generation budget the task predicts with (instruction.max_new_tokens, seq2seq's), else 50."""
-        if self.task.name == "instruction-tuning":
+        if self.task.name in ("instruction-tuning", "dialogue"):
             return self.task.spec.max_new_tokens
         if self.task.name == "seq2seq":
             return self.task.max_new_tokens

@@ -49,6 +49,16 @@ class ConversationReader:
             messages.insert(0, {"role": "system", "content": self.spec.system_prompt})
         return messages
 
+    def cell(self, messages: Messages) -> Any:
+        """OpenAI-form messages as one cell of this format, which `read` turns back into them (the server takes
+        conversations in OpenAI form). The text format has no system turn: there, `dialogue.system_prompt`
+        stands for it."""
+        if self.spec.format == "text":
+            return "".join(f"{m['content']} {self.spec.separator} " for m in messages if m["role"] != "system")
+        role_field, text_field = _FIELDS[self.spec.format]
+        names = {role: name for name, role in reversed(list(self.spec.roles.items()))}  # the first name of a role
+        return [{role_field: names.get(m["role"], m["role"]), text_field: m["content"]} for m in messages]
+
     def _from_text(self, value: Any, where: str) -> Messages:
         if not isinstance(value, str):
             raise UserError(f"{self.key}: {where} is not text but {type(value).__name__}")
