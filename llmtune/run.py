@@ -386,7 +386,7 @@ def _fit(
                     f"{t.batch_size * t.grad_accum * accelerator.num_processes} | "
                 )
                 + f"steps {trainer.total_steps}"
-                + (" | length-grouped batches" if (t.group_by_length or t.max_tokens) and prepared.lengths else ""),
+                + (" | length-grouped batches" if t.group_by_length and prepared.lengths and not t.max_tokens else ""),
             ]
         ),
     )
