@@ -15,8 +15,10 @@ from tests.helpers import (
     classification_recipe,
     read_metrics,
     run_cli,
+    run_cli_in_process,
     run_interrupted,
     sentiment_rows,
+    tiny_recipe,
     write_recipe,
     write_tsv,
 )
@@ -132,11 +134,24 @@ def test_resume_mid_epoch_gives_the_same_batches_and_metrics(
     assert final == json.loads((straight / "final_metrics.json").read_text())
 
 
-def test_bad_token_budgets_are_one_line(tiny_models: dict[str, Path], tmp_path: Path, one_thread_cli: None) -> None:
+def test_bad_token_budgets_are_one_line(
+    tiny_models: dict[str, Path],
+    corpus: dict[str, Path],
+    tmp_path: Path,
+    one_thread_cli: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     recipe = _recipe(tiny_models, tmp_path, tmp_path / "out")
     recipe["train"]["max_tokens"] = 4
-    bad = run_cli("finetune", str(write_recipe(tmp_path / "bad.yaml", recipe)))
-    assert bad.returncode == 2
-    lines = bad.stderr.strip().splitlines()
-    assert len(lines) == 1 and "train.max_tokens: 4 is smaller than the longest training example" in lines[0]
+    code, _, err = run_cli_in_process(capsys, "finetune", str(write_recipe(tmp_path / "bad.yaml", recipe)))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "train.max_tokens: 4 is smaller than the longest training example" in lines[0]
     assert not (tmp_path / "out").exists()
+
+    blocks = tiny_recipe(corpus, tmp_path / "out2", train={"max_tokens": 256})
+    code, _, err = run_cli_in_process(capsys, "pretrain", str(write_recipe(tmp_path / "blocks.yaml", blocks)))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "train.max_tokens: this task's training rows all have one length" in lines[0]
+    assert not (tmp_path / "out2").exists()
