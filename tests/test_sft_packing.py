@@ -136,7 +136,7 @@ def test_packed_instruction_run_through_the_cli(
     losses = [r["train/loss"] for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert losses[-1] < 0.5 * losses[0]
     evals = [r["eval/loss"] for r in read_metrics(tmp_path / "run") if "eval/loss" in r]
-    assert evals[-1] < 1.0
+    assert evals[-1] < 0.5 * losses[0]  # evaluation (one example per row) learnt too
 
 
 def test_pack_on_another_task_is_one_line(tmp_path: Path) -> None:
