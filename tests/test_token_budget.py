@@ -13,6 +13,7 @@ from llmtune.batching import TokenBudgetBatchSampler, token_budget_batches, toke
 from tests.helpers import (
     assert_same_tensors,
     classification_recipe,
+    launch_two_ranks,
     read_metrics,
     run_cli,
     run_cli_in_process,
@@ -155,3 +156,19 @@ def test_bad_token_budgets_are_one_line(
     assert code == 2 and len(lines) == 1, err
     assert "train.max_tokens: this task's training rows all have one length" in lines[0]
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_see_every_example_once_per_epoch(
+    tiny_models: dict[str, Path], tmp_path: Path, one_thread_cli: None
+) -> None:
+    out = tmp_path / "two"
+    recipe = _recipe(tiny_models, tmp_path, out)
+    recipe["train"].update(epochs=2, grad_accum=1, save_every=None)
+    two = launch_two_ranks("finetune", str(write_recipe(tmp_path / "two.yaml", recipe)), port=29531)
+    assert two.returncode == 0, two.stderr[-3000:]
+    records = [r for r in read_metrics(out) if "train/loss" in r]
+    # Both ranks' examples summed at each log step: 2 epochs of 160, each example once per epoch.
+    assert records[-1]["train/examples"] == 320
+    one_epoch = records[-1]["step"] // 2
+    assert [r["train/examples"] for r in records if r["step"] == one_epoch] == [160]
