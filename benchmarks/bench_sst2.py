@@ -144,8 +144,9 @@ def trainer_mode(rest: list[str]) -> dict[str, Any]:
 # --- parent ----------------------------------------------------------------------------------------------
 
 
-def write_recipe(args: argparse.Namespace, work: Path, strategy: str) -> Path:
-    """The recipe of one strategy, which both sides read."""
+def write_recipe(args: argparse.Namespace, work: Path, strategy: str, budget: bool = False) -> Path:
+    """The recipe of one strategy, which both sides read; with `budget` (llmtune only, when --max-tokens is given)
+    its token-budget batches (`train.max_tokens`) and --max-tokens-lr."""
     import yaml
 
     recipe = {
@@ -162,16 +163,17 @@ def write_recipe(args: argparse.Namespace, work: Path, strategy: str) -> Path:
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "eval_batch_size": args.batch_size,
-            "lr": args.rates[strategy],
+            "lr": args.max_tokens_lr if budget and args.max_tokens_lr else args.rates[strategy],
             "schedule": {"kind": "linear", "warmup_steps": args.warmup_steps},
             "weight_decay": 0.0,
             "max_grad_norm": 1.0,
             "seed": args.seed,
             "log_every": 10,
+            **({"max_tokens": args.max_tokens} if budget else {}),
         },
         "output_dir": str(work / f"llmtune-{strategy}"),
     }
-    path = work / f"recipe-{strategy}.yaml"
+    path = work / f"recipe-{strategy}{'-budget' if budget else ''}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
 
@@ -245,7 +247,15 @@ def report(args: argparse.Namespace, runs: list[Run], source: LlmtuneSource) -> 
     """The printed table: each (strategy, side)'s medians, then llmtune / Trainer (or llmtune full) comparisons."""
     lines = [
         f"\nSST-2, all-MiniLM-L6-v2, {args.train_examples} training examples x {args.epochs:g} epoch, "
-        f"batch {args.batch_size}, max_length {args.max_length}; medians over {args.repeats} run(s)",
+        f"batch {args.batch_size}"
+        + (
+            f" (llmtune: token-budget batches of up to {args.max_tokens} tokens"
+            + (f", lr {args.max_tokens_lr:g}" if args.max_tokens_lr else "")
+            + ")"
+            if args.max_tokens
+            else ""
+        )
+        + f", max_length {args.max_length}; medians over {args.repeats} run(s)",
         f"llmtune {source.version}, imported from {source.path}",
     ]
     columns = [
@@ -266,7 +276,9 @@ def report(args: argparse.Namespace, runs: list[Run], source: LlmtuneSource) -> 
             if mine:
                 m = {key: harness.median(mine, value) or 0.0 for key, value in MEDIANS.items()}
                 medians[strategy, side] = m
-                rows.append([strategy, side, args.rates[strategy], int(m["trainable"]), *list(m.values())[1:]])
+                budget_lr = side == LLMTUNE and args.max_tokens and args.max_tokens_lr
+                lr = args.max_tokens_lr if budget_lr else args.rates[strategy]
+                rows.append([strategy, side, lr, int(m["trainable"]), *list(m.values())[1:]])
     lines += [*harness.table(columns, rows), ""]
     for strategy in args.strategy_list:
         a = medians[strategy, LLMTUNE]
@@ -297,6 +309,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="llmtune side only: train.max_tokens (token-budget batches) instead of --batch-size rows.",
+    )
+    parser.add_argument(
+        "--max-tokens-lr",
+        type=float,
+        default=None,
+        help="llmtune side with --max-tokens: its learning rate (larger batches, fewer steps); default the strategy's.",
+    )
     parser.add_argument("--lr", action="append", default=[], help="STRATEGY=RATE, e.g. --lr lora=1e-3 (repeatable).")
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=42)
@@ -353,10 +377,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         recipes = {strategy: write_recipe(args, work, strategy) for strategy in args.strategy_list}
+        # --max-tokens: llmtune's own recipe (the same data keys, so the same tokenised cache); the Trainer's keeps
+        # batch_size rows and the strategy's rate.
+        mine = {s: write_recipe(args, work, s, budget=True) if args.max_tokens else r for s, r in recipes.items()}
         prepared = bench.children.run("prepare", [str(next(iter(recipes.values())))], "prepare")
         runs: list[Run] = []
         for strategy, recipe in recipes.items():
-            sides = [(LLMTUNE, lambda repeat, s=strategy, r=recipe: bench.run_llmtune(s, r, repeat))]
+            sides = [(LLMTUNE, lambda repeat, s=strategy, r=mine[strategy]: bench.run_llmtune(s, r, repeat))]
             if strategy in BOTH_SIDES:
                 sides.append((TRAINER, lambda repeat, s=strategy, r=recipe: bench.run_trainer(s, r, repeat)))
             runs += harness.alternate(args.repeats, sides, args.quiet_wait, progress)

@@ -100,3 +100,74 @@ class LengthGroupedSampler:
 def longest_first(lengths: list[int]) -> list[int]:
     """Evaluation order: rows sorted by length, longest first (metrics do not depend on the order)."""
     return [int(i) for i in np.argsort(-np.asarray(lengths), kind="stable")]
+
+
+def token_budget_batches(lengths: list[int], max_tokens: int, seed: int, world_size: int = 1) -> list[list[int]]:
+    """Batches of row indices whose padded size (rows x longest row) stays within `max_tokens`, in shuffled order.
+
+    Rows are sorted by length (rows of equal length in an order drawn from `seed`) and cut greedily: a batch
+    takes rows while (rows + 1) x the next length fits the budget. The number and shapes of the batches depend
+    on the lengths alone, so every epoch has as many, which the schedule and exact resume rely on. While their
+    number is not a multiple of `world_size`, the batch with the most rows is halved, so sharding them over
+    the ranks (accelerate gives rank r the batches r, r + world, ...) covers every row exactly once. Then the
+    batches are shuffled. Every row needs `lengths[i] <= max_tokens` (`token_budget_problem` says otherwise).
+    """
+    rng = np.random.default_rng(seed)
+    sizes = np.asarray(lengths, dtype=np.int64)
+    order = rng.permutation(len(sizes))
+    order = order[np.argsort(sizes[order], kind="stable")]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order.tolist():
+        # Ascending lengths: the row being added is the batch's longest.
+        if current and (len(current) + 1) * int(sizes[index]) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    while len(batches) % world_size and any(len(b) > 1 for b in batches):
+        widest = max(range(len(batches)), key=lambda i: len(batches[i]))
+        rows = batches.pop(widest)
+        batches[widest:widest] = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def token_budget_problem(lengths: list[int], max_tokens: int) -> str | None:
+    """Why `train.max_tokens` cannot batch these rows (a row longer than the budget), or None."""
+    longest = max(lengths, default=0)
+    if longest > max_tokens:
+        return (
+            f"train.max_tokens: {max_tokens} is smaller than the longest training example ({longest} tokens); "
+            f"set train.max_tokens >= {longest} or lower data.max_length"
+        )
+    return None
+
+
+class TokenBudgetBatchSampler:
+    """A batch sampler yielding `token_budget_batches`, reshuffled each epoch from (seed, epoch).
+
+    The same number of batches every epoch (a multiple of `world_size`). accelerate shards it over the ranks
+    (`BatchSamplerShard`, one whole batch per rank in turn) and calls `set_epoch` on it, directly in one
+    process, and through `.sampler` of the batch sampler it wraps in several: hence `sampler` is itself.
+    """
+
+    def __init__(self, lengths: list[int], max_tokens: int, seed: int, world_size: int = 1) -> None:
+        self.lengths, self.max_tokens, self.seed, self.world_size, self.epoch = lengths, max_tokens, seed, world_size, 0
+        self.count = len(token_budget_batches(lengths, max_tokens, seed, world_size))
+
+    @property
+    def sampler(self) -> TokenBudgetBatchSampler:
+        """Itself: where accelerate looks for `set_epoch` on the batch sampler it wraps when sharding."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the batches of epoch `epoch`."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        seed = self.seed * 1_000_003 + self.epoch
+        return iter(token_budget_batches(self.lengths, self.max_tokens, seed, self.world_size))
+
+    def __len__(self) -> int:
+        return self.count

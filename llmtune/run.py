@@ -207,6 +207,7 @@ def _environment(accelerator: Any, recipe: Recipe, recipe_path: Path) -> dict[st
         "per_device_batch": t.batch_size,
         "grad_accum": t.grad_accum,
         "global_batch": t.batch_size * t.grad_accum * accelerator.num_processes,
+        "max_tokens": t.max_tokens,
     }
 
 
@@ -287,7 +288,9 @@ def train(
     task.setup(model, tokenizer)
     with accelerator.main_process_first():
         prepared = task.prepare(raw, tokenizer)
-    steps = planned_steps(recipe.train, len(prepared.splits["train"]), accelerator.num_processes)
+    steps = planned_steps(
+        recipe.train, len(prepared.splits["train"]), accelerator.num_processes, prepared.lengths.get("train")
+    )
     applied = apply_strategy(model, recipe.strategy, task.auto_class, steps, recipe.model.from_scratch is not None)
     model = applied.model
     prep_seconds = time.perf_counter() - started
@@ -405,10 +408,15 @@ def _fit(
                 *_data_lines(prepared.stats),
                 f"data preparation: {prep_seconds:.2f}s (loading, tokenizer, tokenising; tokenised data: cache "
                 f"{prepared.stats['cache']})",
-                f"devices: {accelerator.num_processes} x {accelerator.device} | per-device batch {t.batch_size} x "
-                f"accum {t.grad_accum} = global batch {t.batch_size * t.grad_accum * accelerator.num_processes} | "
-                f"steps {trainer.total_steps}"
-                + (" | length-grouped batches" if t.group_by_length and prepared.lengths else ""),
+                f"devices: {accelerator.num_processes} x {accelerator.device} | "
+                + (
+                    f"per-device batch up to {t.max_tokens} tokens x accum {t.grad_accum} | "
+                    if t.max_tokens is not None
+                    else f"per-device batch {t.batch_size} x accum {t.grad_accum} = global batch "
+                    f"{t.batch_size * t.grad_accum * accelerator.num_processes} | "
+                )
+                + f"steps {trainer.total_steps}"
+                + (" | length-grouped batches" if t.group_by_length and prepared.lengths and not t.max_tokens else ""),
             ]
         ),
     )

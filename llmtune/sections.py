@@ -165,6 +165,13 @@ class TrainSpec(Section):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train; overrides epochs.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training split (default 1).")
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch, per device.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Variable-length tasks: fill each training micro-batch up to this many tokens per device "
+        "(rows x longest row, padding included) instead of batch_size rows; rows sorted by length, batches "
+        "reshuffled each epoch.",
+    )
     eval_batch_size: int | None = Field(None, ge=1, description="Evaluation batch size; default batch_size.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (loss normalised over all).")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")

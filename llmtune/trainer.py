@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.atomic import atomic_dir
-from llmtune.batching import LengthGroupedSampler, longest_first
+from llmtune.batching import LengthGroupedSampler, TokenBudgetBatchSampler, longest_first, token_budget_problem
 from llmtune.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from llmtune.errors import UserError
 from llmtune.evaluation import evaluate
 from llmtune.optim import build_optimizer, build_schedule
 from llmtune.recipe import TrainSpec
@@ -36,12 +37,32 @@ from llmtune.tasks.base import Prepared, Task
 from llmtune.tracking import MetricsLog, Progress
 
 
-def planned_steps(train: TrainSpec, examples: int, world_size: int) -> int:
-    """Optimizer steps of a run: train.max_steps, or its epochs over `examples` split across the ranks."""
+def token_budget_sampler(train: TrainSpec, lengths: list[int] | None, world_size: int) -> TokenBudgetBatchSampler:
+    """The training batch sampler of `train.max_tokens`; a `UserError` when the task's rows have no lengths
+    (fixed-size pretraining blocks) or one is longer than the budget."""
+    assert train.max_tokens is not None
+    if lengths is None:
+        raise UserError(
+            "train.max_tokens: this task's training rows all have one length (data.block_size); "
+            "set train.batch_size instead"
+        )
+    problem = token_budget_problem(lengths, train.max_tokens)
+    if problem is not None:
+        raise UserError(problem)
+    return TokenBudgetBatchSampler(lengths, train.max_tokens, train.seed, world_size)
+
+
+def planned_steps(train: TrainSpec, examples: int, world_size: int, lengths: list[int] | None = None) -> int:
+    """Optimizer steps of a run: train.max_steps, or its epochs over `examples` split across the ranks
+    (with `train.max_tokens`, over the token-budget batches of the rows' `lengths`)."""
+    budget = token_budget_sampler(train, lengths, world_size) if train.max_tokens is not None else None
     if train.max_steps is not None:
         return train.max_steps
     assert train.epochs is not None  # the recipe defaults it to 1
-    batches_per_epoch = math.ceil(examples / (train.batch_size * world_size))
+    if budget is not None:
+        batches_per_epoch = len(budget) // world_size
+    else:
+        batches_per_epoch = math.ceil(examples / (train.batch_size * world_size))
     return max(1, math.ceil(train.epochs * batches_per_epoch / train.grad_accum))
 
 
@@ -119,16 +140,24 @@ def prepare_training(
     if collate is not None:
         kwargs["collate_fn"] = collate
     lengths = prepared.lengths if spec.group_by_length else {}
-    order: dict[str, Any] = {"shuffle": True}
-    if "train" in lengths:
-        order = {"sampler": LengthGroupedSampler(lengths["train"], spec.batch_size, spec.seed)}
-    train_dl = DataLoader(prepared.splits["train"], batch_size=spec.batch_size, **order, **kwargs)
+    order: dict[str, Any] = {"batch_size": spec.batch_size, "shuffle": True}
+    if spec.max_tokens is not None:
+        world = accelerator.num_processes
+        order = {"batch_sampler": token_budget_sampler(spec, prepared.lengths.get("train"), world)}
+    elif "train" in lengths:
+        order = {
+            "batch_size": spec.batch_size,
+            "sampler": LengthGroupedSampler(lengths["train"], spec.batch_size, spec.seed),
+        }
+    train_dl = DataLoader(prepared.splits["train"], **order, **kwargs)
     order = {"sampler": longest_first(lengths["validation"])} if "validation" in lengths else {}
     eval_dl = DataLoader(
         prepared.splits["validation"], batch_size=spec.eval_batch_size or spec.batch_size, **order, **kwargs
     )
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, build_optimizer(model, spec), train_dl, eval_dl)
-    total_steps = planned_steps(spec, len(prepared.splits["train"]), accelerator.num_processes)
+    total_steps = planned_steps(
+        spec, len(prepared.splits["train"]), accelerator.num_processes, prepared.lengths.get("train")
+    )
     # Not prepared: accelerate's scheduler wrapper steps num_processes times per step when batches
     # are not split, which would make the schedule depend on the world size.
     scheduler = build_schedule(optimizer.optimizer, spec, total_steps)
@@ -145,11 +174,12 @@ class Window:
         self.steps = self.tokens = self.examples = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: Any, batch: dict[str, Any], world: int) -> None:
-        """One micro-batch (its tokens and examples counted on every rank; padding included)."""
+    def add(self, loss: Any, batch: dict[str, Any]) -> None:
+        """One micro-batch of this rank (its tokens, padding included, and examples; summed over ranks at log time,
+        as token-budget batches differ between ranks)."""
         self.loss += loss.detach()
-        self.tokens += batch["input_ids"].numel() * world
-        self.examples += batch["input_ids"].shape[0] * world
+        self.tokens += batch["input_ids"].numel()
+        self.examples += batch["input_ids"].shape[0]
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -316,7 +346,7 @@ class Trainer:
                 loss = self.task.loss(self.model, batch, num_items)
                 # DDP averages gradients over ranks; the loss is already over the global count.
                 acc.backward(loss * world if world > 1 else loss)
-            window.add(loss, batch, world)
+            window.add(loss, batch)
 
     def _optimizer_step(self) -> Any:
         """Clip, step, schedule, strategy hook, zero; returns the gradient norm (a tensor) if clipped."""
@@ -342,6 +372,11 @@ class Trainer:
         """Write the window's mean loss, learning rate, throughput and memory; start the next window."""
         acc, st = self.accelerator, self.state
         loss = acc.reduce(window.loss, "sum") if acc.num_processes > 1 else window.loss
+        if acc.num_processes > 1:
+            import torch
+
+            counts = acc.reduce(torch.tensor([window.tokens, window.examples], device=acc.device), "sum")
+            window.tokens, window.examples = (int(c) for c in counts.tolist())
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         st.tokens_seen += window.tokens
         st.examples_seen += window.examples

@@ -475,13 +475,13 @@ def launch_two_ranks(*args: str, port: int, timeout: float = 600) -> subprocess.
     )
 
 
-def run_interrupted(recipe: Path, run_dir: Path, after_step: int = 12) -> int:
-    """Start `llmtune pretrain`, SIGTERM it once `after_step` is logged; return the last logged step."""
+def run_interrupted(recipe: Path, run_dir: Path, after_step: int = 12, command: str = "pretrain") -> int:
+    """Start `llmtune COMMAND` (pretrain), SIGTERM it once `after_step` is logged; return the last logged step."""
     import signal
     import time
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmtune", "pretrain", str(recipe)],
+        [sys.executable, "-m", "llmtune", command, str(recipe)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

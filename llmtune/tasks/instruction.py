@@ -36,15 +36,18 @@ from llmtune.modeling import context_length
 from llmtune.tasks.base import EvalOutputs, column_values
 from llmtune.tasks.causal_lm import perplexity_metrics
 from llmtune.tasks.chat import ChatRenderer, checked_messages
-from llmtune.tasks.finetune import FinetuneTask, require_fast_tokenizer, unwrap
+from llmtune.tasks.finetune import FinetuneTask, require_fast_tokenizer, row_lengths, unwrap
 from llmtune.tasks.generation import cut_at_eos, decode, left_align
+from llmtune.tasks.sft_packing import packed_split
 from llmtune.tasks.token_loss import IGNORE, per_example_token_stats
 
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
 
+    from llmtune.data import RawData
     from llmtune.recipe import Recipe
+    from llmtune.tasks.base import Prepared
     from llmtune.tasks.registry import InstructionSpec
 
 
@@ -168,6 +171,19 @@ class InstructionTuning(FinetuneTask):
         pairs = [self.renderer.tokens(m, where) for m, where in chats]
         return self._labelled_rows([p[0] for p in pairs], [p[1] for p in pairs], indices)
 
+    def prepare(self, raw: RawData, tokenizer: Any) -> Prepared:
+        """The tokenised rows (cached); with `instruction.pack`, the training split packed into rows of up to
+        `data.max_length` tokens (evaluation stays one example per row, so its metrics are per example)."""
+        prepared = super().prepare(raw, tokenizer)
+        if self.spec.pack and self.labelled:
+            packed = packed_split(prepared.splits["train"], self.max_length)
+            prepared.splits["train"] = packed
+            prepared.lengths["train"] = row_lengths(packed)
+            tokens = int(sum(prepared.lengths["train"]))
+            prepared.stats["train_packed_rows"] = len(packed)
+            prepared.stats["train_packing_fill"] = round(tokens / max(len(packed) * self.max_length, 1), 3)
+        return prepared
+
     def split_stats(self, role: str, raw: Dataset, encoded: Dataset) -> dict[str, Any]:
         """With labels: examples dropped by truncation (refused when all are) and the response tokens."""
         import numpy as np
@@ -189,10 +205,18 @@ class InstructionTuning(FinetuneTask):
         return (batch["labels"][:, 1:] != IGNORE).sum()
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy summed over the counted tokens, divided by the accumulated step's count."""
+        """Next-token cross-entropy summed over the counted tokens, divided by the accumulated step's count.
+
+        Packed rows (`instruction.pack`) carry `position_ids` and no attention mask: transformers builds the
+        per-example causal mask from the positions (see `llmtune.tasks.sft_packing`)."""
+        where = (
+            {"position_ids": batch["position_ids"]}
+            if "position_ids" in batch
+            else {"attention_mask": batch["attention_mask"]}
+        )
         return model(
             input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            **where,
             labels=batch["labels"],
             num_items_in_batch=num_items,
             use_cache=False,

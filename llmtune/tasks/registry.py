@@ -211,6 +211,11 @@ class InstructionSpec(Section):
         None, description="A Jinja chat template for messages; default the tokenizer's, else role headers."
     )
     max_new_tokens: int = Field(128, ge=1, description="predict: the longest response generated (greedy).")
+    pack: bool = Field(
+        False,
+        description="Training: put several examples in one row of up to data.max_length tokens, each attending "
+        "only to itself (positions restart per example; the loss counts the same tokens as unpacked).",
+    )
 
 
 class DialogueSpec(Section):
