@@ -84,14 +84,14 @@ def check_spans(text: str, e1: Any, e2: Any) -> tuple[tuple[int, int], tuple[int
     spans = []
     for name, span in (("e1", e1), ("e2", e2)):
         if not isinstance(span, (list, tuple)) or len(span) != 2 or not all(isinstance(v, int) for v in span):
-            raise ValueError(f"the {name} span must be [start, end] (two integers), got {span!r}")
+            raise ValueError(f"has an {name} span {span!r} that is not [start, end] (two integers)")
         start, end = span
         if not 0 <= start < end <= len(text):
-            raise ValueError(f"the {name} span [{start}, {end}] is outside the text (length {len(text)}) or empty")
+            raise ValueError(f"has an {name} span [{start}, {end}] outside the text (length {len(text)}) or empty")
         spans.append((start, end))
     (s1, t1), (s2, t2) = spans
     if s1 < t2 and s2 < t1:
-        raise ValueError(f"the entity spans [{s1}, {t1}] and [{s2}, {t2}] overlap; they must be disjoint")
+        raise ValueError(f"has entity spans [{s1}, {t1}] and [{s2}, {t2}] that overlap; they must be disjoint")
     return spans[0], spans[1]
 
 
