@@ -196,3 +196,34 @@ def test_bad_rows_are_one_line_naming_the_row(
     lines = err.strip().splitlines()
     assert len(lines) == 1 and f"{train}, row 3: " in lines[0] and reason in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_grows_the_embeddings_for_the_saved_markers(
+    data: dict[str, Path],
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    one_thread: None,
+) -> None:
+    import shutil
+
+    from tests.helpers import load_tensors
+
+    out = tmp_path / "run"
+    recipe = relation_recipe(tiny_models["bert"], data["train"], data["valid"], out, 6)
+    recipe["train"]["save_every"] = 3
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    code, _, err = run_cli_in_process(capsys, "finetune", str(path))
+    assert code == 0, err[-2000:]
+    uninterrupted = load_tensors(out / "final" / "model.safetensors")
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-0000006")
+    (out / "final_metrics.json").unlink()
+    # the saved tokenizer holds the four markers the pretrained checkpoint's embeddings lack
+    code, stdout, err = run_cli_in_process(capsys, "finetune", str(path), "--resume")
+    assert code == 0, err[-2000:]
+    assert "resumed from" in stdout
+    resumed = load_tensors(out / "final" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
