@@ -126,6 +126,20 @@ def test_predict_gives_relation_and_score_equal_to_plain_transformers(run: Path,
     assert {t["content"] for t in tokenizer_files if t["special"]} >= {"<e1>", "</e1>", "<e2>", "</e2>"}
 
 
+def test_predict_reads_an_unlabelled_semeval_test_file(run: Path, data: dict[str, Path]) -> None:
+    texts = [r["text"] for r in relation_rows(3, seed=5)]
+    release = data["root"] / "TEST_FILE.TXT"  # the release's unlabelled form: numbered sentences only, CRLF
+    release.write_bytes("".join(f'{8001 + i}\t"{t}"\r\n' for i, t in enumerate(texts)).encode())
+    out = data["root"] / "semeval-predictions.jsonl"
+    result = run_cli(
+        "predict", str(run), "--data", str(release), "--output", str(out), "--set", "data.format=semeval2010"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [8001, 8002, 8003]
+    assert [r["relation"] for r in rows] == plain_transformers_relations(run / "final", texts)
+
+
 def test_eval_reproduces_the_final_metrics_and_refuses_unknown_relations(run: Path, data: dict[str, Path]) -> None:
     result = run_cli("eval", str(run), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
