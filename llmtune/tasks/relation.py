@@ -135,6 +135,7 @@ def pooled_entity_starts(hidden: torch.Tensor, starts: torch.Tensor) -> torch.Te
 class RelationClassification(FinetuneTask):
     """Relation classification between two marked entities (cross-entropy; accuracy, micro-F1, SemEval F1)."""
 
+    auto_class = AUTO_CLASSES["entity_start"]  # the default pooling's; `cls` pooling sets its own per instance
     cache_version = "relation-classification/1"
 
     def __init__(self, recipe: Any, labelled: bool = True) -> None:
