@@ -234,3 +234,15 @@ def test_a_saved_model_without_markers_is_refused(tiny: tuple[Any, Any]) -> None
     task = make_task("relation-classification")  # not building: evaluating a saved model
     with pytest.raises(UserError, match="has no entity markers"):
         task.setup(model, train_wordpiece(["a b c"] * 5, 60, 1, True, []))
+
+
+def test_a_bad_row_of_a_carved_validation_split_names_its_sentence_id() -> None:
+    task = make_task("relation-classification", data={"files": {"train": "TRAIN_FILE.TXT"}, "format": "semeval2010"})
+    rows = {"id": [40], "text": ["The <e1>child</e1> was wrapped."], "label": ["Other"]}
+    with pytest.raises(UserError) as caught:
+        task.encode(rows, [2], "validation")
+    message = str(caught.value)
+    assert message.startswith("row 2 (sentence id 40) of the validation split carved from ")
+    assert message.endswith(
+        "TRAIN_FILE.TXT: 'text' has no <e2>..</e2> entity; mark both entities: 'The <e1>child</e1> was wrapped.'"
+    )

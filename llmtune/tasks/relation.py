@@ -214,15 +214,16 @@ class RelationClassification(FinetuneTask):
         return [*super().cache_key(), self.relations, self.pooling, self.marker_ids]
 
     def _where(self, role: str, row: int, ids: list[Any] | None) -> str:
-        """The file (when the split is one) and row an error names."""
+        """The file (when the split is one file's rows) and row an error names."""
         files = self.data.files or {}
         split = self.data.train_split if role == "train" else self.data.validation_split
+        sentence = f" (sentence id {ids[0]})" if ids else ""
         source = files.get(split)
         if source is None and role == "validation" and files.get(self.data.train_split) is not None:
-            source, role = files[self.data.train_split], "validation split carved from"
-        name = source if isinstance(source, str) else ", ".join(source) if source else f"the {role} split"
-        sentence = f" (sentence id {ids[0]})" if ids else ""
-        return f"{name}, row {row}{sentence}"
+            return f"row {row}{sentence} of the validation split carved from {files[self.data.train_split]}"
+        if source is None:
+            return f"the {role} split, row {row}{sentence}"
+        return f"{source if isinstance(source, str) else ', '.join(source)}, row {row}{sentence}"
 
     def _entities(self, rows: dict[str, list[Any]], k: int) -> tuple[str, tuple[int, int], tuple[int, int]]:
         text = rows[self.data.text_column][k]
