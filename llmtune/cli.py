@@ -43,8 +43,8 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir exactly.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in output_dir.")] = False,
 ) -> None:
-    """Fine-tune as the recipe says (sequence-classification, token-classification, question-answering,
-    seq2seq, causal-lm / instruction tuning, dialogue); exit 1 if an expect: bound is missed."""
+    """Fine-tune as the recipe says (sequence-classification, token-classification, relation-classification,
+    question-answering, seq2seq, causal-lm / instruction tuning, dialogue); exit 1 if an expect: bound is missed."""
     from llmtune.run import train
 
     raise typer.Exit(train(recipe, set_ or [], resume=resume, overwrite=overwrite, command="finetune"))

@@ -35,7 +35,7 @@ FILE_FORMATS = {
     ".parquet": "parquet",
     ".conll": "conll",
 }
-_TEXTUAL = {"text", "json", "csv", "tsv", "conll", "squad", "parallel"}
+_TEXTUAL = {"text", "json", "csv", "tsv", "conll", "squad", "parallel", "semeval2010"}
 
 
 @dataclass
@@ -187,6 +187,10 @@ def _load_files(split: str, paths: list[str], spec: DataSpec) -> tuple[Dataset, 
         return _read_squad(paths, spec), json.dumps(stamp)
     if fmt == "parallel":
         return _read_parallel(split, paths, spec), json.dumps(stamp)
+    if fmt == "semeval2010":
+        from llmtune.semeval_format import read_semeval2010
+
+        return read_semeval2010(paths, spec.text_column, spec.label_column), json.dumps(stamp)
     kwargs: dict[str, Any] = {}
     if fmt == "text":
         kwargs["sample_by"] = _sample_by(paths, spec)

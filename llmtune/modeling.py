@@ -116,13 +116,20 @@ def context_length(config: Any) -> int | None:
 
 
 def build_model(
-    spec: ModelSpec, tokenizer: Any, auto_class_name: str, task_name: str, overrides: dict[str, Any] | None = None
+    spec: ModelSpec,
+    tokenizer: Any,
+    auto_class_name: str,
+    task_name: str,
+    overrides: dict[str, Any] | None = None,
+    resumed: bool = False,
 ) -> Any:
     """The model for a task: `from_pretrained` (hub id or directory) or built from a config with fresh weights.
 
     A from-scratch model's vocabulary and special-token ids come from the tokenizer. `overrides` are
     the task's config keys (e.g. num_labels and label maps); with them a pretrained checkpoint's head
-    of another shape is replaced by a fresh one, as fine-tuning needs.
+    of another shape is replaced by a fresh one, as fine-tuning needs. When `resumed`, the run's saved
+    tokenizer may hold tokens its task added (relation-classification's entity markers): the embeddings grow
+    to hold them, and the checkpoint then restores their rows.
     """
     import transformers
     from transformers import AutoConfig
@@ -165,6 +172,8 @@ def build_model(
             raise _load_error("model.pretrained", spec.pretrained, exc) from None
     else:
         model = auto_class.from_config(config, trust_remote_code=spec.trust_remote_code)
+    if resumed and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     check_vocab(model, tokenizer)
     if getattr(model, "generation_config", None) is not None and model.config.pad_token_id is not None:
         model.generation_config.pad_token_id = model.config.pad_token_id

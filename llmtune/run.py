@@ -284,7 +284,7 @@ def train(
                 recipe.data.cache_dir,
             )
     set_seed(recipe.train.seed)
-    model = build_model(recipe.model, tokenizer, task.auto_class, task.name, task.model_overrides(raw))
+    model = build_model(recipe.model, tokenizer, task.auto_class, task.name, task.model_overrides(raw), resume)
     task.setup(model, tokenizer)
     with accelerator.main_process_first():
         prepared = task.prepare(raw, tokenizer)

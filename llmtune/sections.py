@@ -75,6 +75,9 @@ class TokenizerSpec(Section):
         return self
 
 
+FileFormat = Literal["text", "json", "csv", "tsv", "parquet", "conll", "squad", "parallel", "semeval2010"]
+
+
 class DataSpecBase(Section):
     """Where the raw data comes from and how it is split; the column keys come from the task registry."""
 
@@ -85,11 +88,12 @@ class DataSpecBase(Section):
     files: dict[str, str | list[str]] | None = Field(
         None, description="Split name -> file(s): .txt, .json/.jsonl, .csv, .tsv, .parquet, .conll."
     )
-    format: Literal["text", "json", "csv", "tsv", "parquet", "conll", "squad", "parallel"] | None = Field(
+    format: FileFormat | None = Field(
         None,
         description="File format of data.files; default: from the extension (.txt .json .jsonl .csv .tsv "
         ".parquet .conll). conll: one token per line, tag last, blank line between sentences; squad: SQuAD "
-        "json (data -> paragraphs -> qas); parallel: a [source, target] pair of line-aligned text files.",
+        "json (data -> paragraphs -> qas); parallel: a [source, target] pair of line-aligned text files; "
+        "semeval2010: the SemEval-2010 Task 8 release files (numbered sentences with <e1>/<e2>, label lines).",
     )
     sample_by: Literal["auto", "line", "paragraph", "document"] = Field(
         "auto",

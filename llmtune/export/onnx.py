@@ -26,6 +26,7 @@ ONNX_FILE = "model.onnx"
 OUTPUTS = {
     "sequence-classification": ("logits",),
     "token-classification": ("logits",),
+    "relation-classification": ("logits",),  # entity_start: per-token logits, read at the markers by the task
     "question-answering": ("start_logits", "end_logits"),
 }
 EXTRA = "pip install 'llmtune[export]'"

@@ -271,6 +271,40 @@ def _dialogue_metrics(recipe: Any) -> list[str]:
     return names
 
 
+class RelationSpec(Section):
+    """relation-classification: how the two marked entities become a relation, and which label means none."""
+
+    pooling: Literal["entity_start", "cls"] = Field(
+        "entity_start",
+        description="entity_start: the hidden states at the <e1> and <e2> markers, concatenated, then a linear "
+        "layer (Baldini Soares et al., 2019; saved as a token-classification model); cls: the pooled sequence "
+        "(a plain sequence-classification model).",
+    )
+    negative_label: str = Field(
+        "Other", description="The label meaning no relation (Other, no_relation): left out of micro-F1 and SemEval F1."
+    )
+    per_relation: bool = Field(False, description="Also report eval/f1_<label> for every relation label.")
+
+
+RELATION_METRICS = (
+    "eval/loss",
+    "eval/accuracy",
+    "eval/micro_precision",
+    "eval/micro_recall",
+    "eval/micro_f1",
+    "eval/semeval_macro_f1",
+)
+
+
+def _relation_metrics(recipe: Any) -> tuple[str, ...]:
+    return RELATION_METRICS + (("eval/f1_*",) if recipe.relation.per_relation else ())
+
+
+def _check_relation_columns(data: Any) -> None:
+    if (data.e1_span_column is None) != (data.e2_span_column is None):
+        raise ValueError("set both data.e1_span_column and data.e2_span_column (or neither, for inline <e1> markers)")
+
+
 # --- the registry ---------------------------------------------------------------------------------------------------
 
 TASKS: tuple[TaskEntry, ...] = (
@@ -426,6 +460,51 @@ TASKS: tuple[TaskEntry, ...] = (
         ),
         predicts=True,
         scored_pairs=True,
+    ),
+    TaskEntry(
+        name="relation-classification",
+        target="llmtune.tasks.relation:RelationClassification",
+        commands=("finetune",),
+        description="The relation between two marked entities of a sentence (SemEval-2010 Task 8, TACRED).",
+        section="relation",
+        options=RelationSpec,
+        columns=(
+            Column(
+                "text_column",
+                "text",
+                "The text (LM tasks; the first text of sequence-classification; relation-classification: the "
+                "sentence, with inline <e1>..</e1> <e2>..</e2> markers unless span columns are set).",
+                text=True,
+            ),
+            Column(
+                "label_column",
+                "label",
+                "sequence-classification labels: ints, strings or floats (relation-classification: the relation).",
+                "labels",
+                cells="scalar",
+            ),
+            Column(
+                "e1_span_column",
+                None,
+                "relation-classification: [start, end) character offsets of entity 1 in a text without markers.",
+                "optional",
+                cells="list",
+            ),
+            Column(
+                "e2_span_column",
+                None,
+                "relation-classification: [start, end) character offsets of entity 2 in a text without markers.",
+                "optional",
+                cells="list",
+            ),
+        ),
+        metrics=(
+            *(Metric(name, name != "eval/loss") for name in RELATION_METRICS),
+            Metric("eval/f1_*", True),  # per relation label, with relation.per_relation
+        ),
+        select=_relation_metrics,
+        check=_check_relation_columns,
+        predicts=True,
     ),
     TaskEntry(
         name="question-answering",
