@@ -259,3 +259,17 @@ def test_serve_answers_chat_completions_as_chat_does(
     finally:
         assert server.stop() == 0
     assert answer["choices"][0]["message"]["content"] == stdout.splitlines()[0]
+
+
+def test_packed_dialogue_run_trains(tiny_models: dict[str, Path], tmp_path: Path, one_thread_cli: None) -> None:
+    write_jsonl(tmp_path / "train.jsonl", conversations(160, seed=1))
+    write_jsonl(tmp_path / "valid.jsonl", conversations(12, seed=2))
+    recipe = dialogue_recipe(tiny_models["gpt2"], tmp_path, tmp_path / "run")
+    recipe["dialogue"].update(pack=True, eval_conversations=0)
+    recipe["train"].update(batch_size=2, max_steps=30)
+    recipe["expect"] = {}
+    done = run_cli("finetune", str(write_recipe(tmp_path / "r.yaml", recipe)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train_packed_rows" in done.stdout
+    losses = [r["train/loss"] for r in read_metrics(tmp_path / "run") if "train/loss" in r]
+    assert losses[-1] < 0.7 * losses[0]

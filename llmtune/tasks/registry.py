@@ -259,6 +259,11 @@ class DialogueSpec(Section):
         "scores them (BLEU, ROUGE-L, distinct-1/2); 0: perplexity only.",
     )
     eval_turns: int = Field(4, ge=1, description="At most this many assistant turns generated per conversation.")
+    pack: bool = Field(
+        False,
+        description="Training: put several conversations in one row of up to data.max_length tokens, each attending "
+        "only to itself (positions restart per conversation; the loss counts the same tokens as unpacked).",
+    )
 
 
 DIALOGUE_GENERATION_METRICS = ("eval/bleu", "eval/rougeL", "eval/distinct_1", "eval/distinct_2", "eval/gen_len")
