@@ -162,13 +162,15 @@ def _fused_loss_forward(model: Any) -> Any:
             and set(kwargs) <= _FAST_PATH_INPUTS
             and not kwargs.get("use_cache")
         )
-        if not fast:
+        weight = self.get_output_embeddings().weight
+        # DeepSpeed ZeRO-3 gathers a partitioned weight only inside its own module's forward: leave it to lm_head.
+        if not fast or hasattr(weight, "ds_id"):
             return original(*args, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
         kwargs["use_cache"] = False
         hidden = self.base_model(**kwargs).last_hidden_state
-        loss = causal_lm_loss(hidden, self.get_output_embeddings().weight, labels, num_items_in_batch)
+        loss = causal_lm_loss(hidden, weight, labels, num_items_in_batch)
         return CausalLMOutputWithCrossAttentions(loss=loss, logits=None)
 
     return types.MethodType(forward, model)
