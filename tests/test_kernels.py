@@ -142,6 +142,8 @@ def test_fused_loss_is_only_taken_while_training_with_gradients(one_thread: Any)
         assert model(**batch).logits is not None
     assert model.eval()(**batch).logits is not None
     assert model.train()(input_ids=batch["input_ids"], logits_to_keep=1).logits.shape[1] == 1  # own forward
+    model.lm_head.weight.ds_id = 0  # as DeepSpeed ZeRO-3 marks a partitioned parameter
+    assert model(**batch).logits is not None
 
 
 def test_nothing_is_fused_where_the_function_would_differ(one_thread: Any) -> None:
