@@ -90,10 +90,23 @@ class Peak:
 
     flops: float
     source: str  # "table: ..." or "probe: ..."
+    cache: Path | None = None  # where a probed figure is cached, and under which key
+    key: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """For environment.json."""
-        return {"tflops": round(self.flops / 1e12, 3), "source": self.source}
+        return {"tflops": round(self.flops / 1e12, 6), "source": self.source}
+
+    def at_least(self, achieved: float) -> Peak:
+        """A probed peak no lower than a rate training achieved: a probe taken while other processes loaded the
+        machine measures too little, and a peak below what was achieved would give an MFU above 100 %. The raised
+        figure replaces the cached one. Table peaks are never changed."""
+        if self.key is None or self.cache is None or achieved <= self.flops:
+            return self
+        cached = read_cache(self.cache)
+        cached[self.key] = max(achieved, cached.get(self.key, 0.0))
+        write_cache(self.cache, cached)
+        return Peak(achieved, f"{self.source}; raised to the rate training achieved", self.cache, self.key)
 
 
 def table_peak(device_name: str, precision: str) -> Peak | None:
@@ -154,11 +167,11 @@ def device_peak(device: Any, precision: str, cache_dir: Path) -> Peak:
     path = cache_dir / CACHE_FILE
     cached = read_cache(path)
     if key in cached:
-        return Peak(float(cached[key]), f"probe: {key}, {PROBE_SIZE}x{PROBE_SIZE} matmul, cached in {path}")
+        return Peak(float(cached[key]), f"probe: {key}, {PROBE_SIZE}x{PROBE_SIZE} matmul, cached in {path}", path, key)
     measured = probe_flops(device, dtype)
     cached[key] = measured
     write_cache(path, cached)
-    return Peak(measured, f"probe: {key}, {PROBE_SIZE}x{PROBE_SIZE} matmul, measured now (cached in {path})")
+    return Peak(measured, f"probe: {key}, {PROBE_SIZE}x{PROBE_SIZE} matmul, measured now (cached in {path})", path, key)
 
 
 def read_cache(path: Path) -> dict[str, float]:

@@ -355,6 +355,7 @@ class Trainer:
         st.tokens_seen += window.tokens
         st.examples_seen += window.examples
         st.train_seconds += elapsed
+        self.peak = self.peak.at_least(window.flops / elapsed / acc.num_processes)
         values = {
             "epoch": st.epoch,
             "train/loss": float(loss) / window.steps,

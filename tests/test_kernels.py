@@ -202,6 +202,13 @@ def test_probe_is_measured_once_per_device_threads_and_dtype(tmp_path: Path, mon
     finally:
         torch.set_num_threads(threads)
     assert len(json.loads((tmp_path / flops.CACHE_FILE).read_text())) == 3
+    # A probe that measured less than training then achieved (a busy machine) is raised, in the cache too.
+    raised = flops.device_peak(cpu, "no", tmp_path).at_least(2e9)
+    assert raised.flops == 2e9 and "raised" in raised.source
+    assert flops.device_peak(cpu, "no", tmp_path).flops == 2e9 and len(calls) == 3
+    assert raised.at_least(1e9) is raised
+    table = flops.table_peak("NVIDIA H200", "bf16")
+    assert table is not None and table.at_least(1e16) is table  # a data-sheet peak is never changed
     (tmp_path / flops.CACHE_FILE).write_text("not json")
     assert flops.device_peak(cpu, "no", tmp_path).flops == 6e9  # an unreadable cache is measured again
 
