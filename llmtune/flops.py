@@ -132,8 +132,10 @@ def probe_flops(device: Any, dtype: Any, size: int = PROBE_SIZE, calls: int = PR
     """The best FLOP/s of `calls` square matmuls of `size` in `dtype` on `device` (after one warm-up call)."""
     import torch
 
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # A generator of its own: the probe runs after the seed is set, and must not move the global RNG (dropout).
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
 
     def sync() -> None:
         if device.type == "cuda":

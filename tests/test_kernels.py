@@ -213,9 +213,11 @@ def test_probe_is_measured_once_per_device_threads_and_dtype(tmp_path: Path, mon
     assert flops.device_peak(cpu, "no", tmp_path).flops == 6e9  # an unreadable cache is measured again
 
 
-def test_probe_measures_a_plausible_rate() -> None:
+def test_probe_measures_a_plausible_rate_without_moving_the_global_rng() -> None:
+    state = torch.get_rng_state()
     rate = flops.probe_flops(torch.device("cpu"), torch.float32, size=128, calls=2)
     assert 1e6 < rate < 1e15
+    assert torch.equal(torch.get_rng_state(), state)  # a resumed run (cache hit, no probe) sees the same dropout
 
 
 # --- through the CLI ----------------------------------------------------------------------------------------------
