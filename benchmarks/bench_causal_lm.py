@@ -149,6 +149,7 @@ def write_recipe(args: argparse.Namespace, path: Path) -> str:
             "max_grad_norm": 1.0,
             "precision": "no",
             "compile": args.compile,
+            "fast_kernels": not args.no_fast_kernels,  # llmtune's default; the Trainer side ignores it
             "seed": args.seed,
             "log_every": args.window,
             "num_workers": 0,
@@ -218,6 +219,7 @@ class Bench:
                 "mean_train_loss": run.mean_loss,
                 "window_tokens_per_s": [round(r["train/tokens_per_s"], 1) for r in run.train],
                 "device": run.environment.get("device"),
+                "flops": run.environment.get("flops"),
                 "torch_threads": run.environment.get("torch_threads"),
                 "cuda_peak_mib": info["cuda_peak_mib"],
             },
@@ -250,11 +252,22 @@ class Bench:
         harness.require_same([r for r in runs if r.side == TRAINER], "steps", "the Trainer's steps", args.steps)
 
 
-def report(runs: list[Run], header: list[str]) -> str:
+def mfu(run: Run, flops: dict[str, Any], block_size: int) -> float:
+    """The run's model FLOPs utilisation: tokens/s x (6N + 12 L d T) / peak, with llmtune's N, L, d and peak
+    (environment.json `flops`; llmtune/flops.py), the same for both sides since the model is the same."""
+    per_token = 6 * flops["N"] + 12 * flops["L"] * flops["d"] * block_size
+    return run.rate * per_token / (flops["peak"]["tflops"] * 1e12)
+
+
+def report(runs: list[Run], header: list[str], block_size: int) -> str:
     """The printed table: each run, each side's median, and the llmtune / Trainer ratios."""
+    flops = next(r.figures["flops"] for r in runs if r.side == LLMTUNE)
+    for run in runs:
+        run.figures["mfu"] = mfu(run, flops, block_size)
     columns = [
         Column("run", 12, left=True),
         Column("tokens/s", 10, ".1f"),
+        Column("MFU %", 7, ".2f"),
         Column("peak RSS MiB", 13, ".1f"),
         Column("at train end", 13, ".1f"),
         Column("wall s", 8, ".1f"),
@@ -262,16 +275,27 @@ def report(runs: list[Run], header: list[str]) -> str:
         Column("other CPU %", 12, ".1f"),
     ]
     rows = [
-        [r.name, r.rate, r.peak_rss_mib, r.train_end_rss_mib, r.wall_s, r.figures["mean_train_loss"], r.other_cpu_pct]
+        [
+            r.name,
+            r.rate,
+            100 * r.figures["mfu"],
+            r.peak_rss_mib,
+            r.train_end_rss_mib,
+            r.wall_s,
+            r.figures["mean_train_loss"],
+        ]
         for r in runs
     ]
+    rows = [[*row, run.other_cpu_pct] for row, run in zip(rows, runs, strict=True)]
     lines = [*header, "", *harness.table(columns, rows), ""]
     sides = {side: [r for r in runs if r.side == side] for side in (LLMTUNE, TRAINER)}
     for side, mine in sides.items():
         tps, rss = [r.rate for r in mine], [r.peak_rss_mib for r in mine]
+        side_mfu = 100 * (harness.median(mine, lambda r: r.figures["mfu"]) or 0.0)
+        side_rss = harness.median(mine, lambda r: r.peak_rss_mib) or 0.0
         lines.append(
             f"median {side:<8} tokens/s {harness.median(mine, lambda r: r.rate):>8.1f} (min {min(tps):.1f}, "
-            f"max {max(tps):.1f}) | peak RSS {harness.median(mine, lambda r: r.peak_rss_mib):>7.1f} MiB "
+            f"max {max(tps):.1f}) | MFU {side_mfu:.2f}% | peak RSS {side_rss:>7.1f} MiB "
             f"(min {min(rss):.1f}, max {max(rss):.1f})"
         )
     a, b = sides[LLMTUNE], sides[TRAINER]
@@ -282,6 +306,10 @@ def report(runs: list[Run], header: list[str]) -> str:
     if mine is not None and theirs is not None:
         line += f" | peak RSS at train end {mine / theirs:.3f} ({mine:.1f} / {theirs:.1f} MiB)"
     lines.append(line)
+    lines.append(
+        f"MFU = tokens/s x (6N + 12 L d T) / peak: N {flops['N']:,}, L {flops['L']}, d {flops['d']}, T {block_size}; "
+        f"peak {flops['peak']['tflops']:g} TFLOP/s ({flops['peak']['source']})"
+    )
     mine, theirs = (harness.median(s, lambda r: r.figures.get("cuda_peak_mib")) for s in (a, b))
     if mine is not None and theirs is not None:
         lines.append(f"median CUDA peak allocated: llmtune {mine:.1f} / Trainer {theirs:.1f} MiB = {mine / theirs:.3f}")
@@ -305,6 +333,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--window", type=int, default=10, help="llmtune's log_every; the first window is warm-up, not measured."
     )
     parser.add_argument("--compile", action="store_true", help="train.compile=true / torch_compile=True.")
+    parser.add_argument(
+        "--no-fast-kernels",
+        action="store_true",
+        help="llmtune with train.fast_kernels=false (the model's own kernels, as the Trainer runs it).",
+    )
     parser.add_argument(
         "--data",
         default="auto",
@@ -380,14 +413,15 @@ def main(argv: list[str] | None = None) -> int:
         f"model: {Path(args.model_config).name}, vocab {prepared['vocab']}, {first['parameters']:,} parameters",
         f"batch {args.batch_size} x {args.block_size} tokens, {args.steps} steps, tokens/s over steps "
         f"{args.window + 1}-{args.steps} ({measured} steps), AdamW fused lr {args.lr:g} cosine warmup "
-        f"{args.warmup_steps}, clip 1.0, fp32, compile {'on' if args.compile else 'off'}",
+        f"{args.warmup_steps}, clip 1.0, fp32, compile {'on' if args.compile else 'off'}, llmtune fast_kernels "
+        f"{'off' if args.no_fast_kernels else 'on'}",
         f"device {first['device']}, torch {torch.__version__} threads {first['torch_threads']}, "
         f"python {platform.python_version()}, {os.cpu_count()} CPUs",
         "peak RSS = the child process's own ru_maxrss over its life (imports + data + training"
         " [+ llmtune's final eval and save]); at train end: llmtune's last train/peak_rss_mib, the Trainer's"
         " after train()",
     ]
-    print(report(runs, header))
+    print(report(runs, header, args.block_size))
     print(f"\ntotal benchmark time {time.perf_counter() - started:.0f}s; logs and runs in {work}")
     if args.json:
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

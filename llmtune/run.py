@@ -296,10 +296,15 @@ def train(
     prep_seconds = time.perf_counter() - started
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kernels: list[str] = []
+    if recipe.train.fast_kernels:
+        from llmtune.kernels import apply_fast_kernels
+
+        kernels = apply_fast_kernels(model)
     # Everything the user could have got wrong has been checked: only now is anything written, under the
     # run's lock (held by the main process until it exits).
     with run.locked() if accelerator.is_main_process else contextlib.nullcontext():
-        _write_run_files(accelerator, run, recipe, recipe_path, tokenizer, model, overwrite, prepared.stats)
+        _write_run_files(accelerator, run, recipe, recipe_path, tokenizer, model, overwrite, prepared.stats, kernels)
         status = StatusRecord(run.root, accelerator.is_main_process, resume, began=started)
         with status.recorded(total_steps=steps):
             return _fit(
@@ -328,6 +333,7 @@ def _write_run_files(
     model: Any,
     overwrite: bool,
     data_stats: dict[str, Any],
+    kernels: list[str] | None = None,
 ) -> None:
     """The resolved recipe, the environment (with the prepared data's counts and cache) and the tokenizer (after
     clearing an overwritten run)."""
@@ -341,6 +347,7 @@ def _write_run_files(
         env = _environment(accelerator, recipe, Path(recipe_path).resolve())
         env["parameters"] = {"strategy": recipe.strategy.kind, "total": total, "trainable": trainable}
         env["data"] = data_stats  # tokens and examples per split, skipped blanks, the tokenised-data cache
+        env["fast_kernels"] = kernels or []  # what train.fast_kernels substituted (nothing saved changes)
         write_text_atomic(run.environment, json.dumps(env, indent=1))
         if not run.tokenizer.is_dir():
             tokenizer.save_pretrained(str(run.tokenizer))
@@ -391,6 +398,16 @@ def _fit(
         recipe.model.pretrained,
         modules,
     )
+    if accelerator.is_main_process:  # the FLOP count and peak behind train/tflops and train/mfu
+        env = json.loads(run.environment.read_text(encoding="utf-8"))
+        env["flops"] = {
+            "formula": "6 * N + 12 * L * d * T per token (llmtune/flops.py)",
+            "N": trainer.model_flops.matmul_params,
+            "L": trainer.model_flops.attention_layers,
+            "d": trainer.model_flops.hidden_size,
+            "peak": trainer.peak.as_dict(),
+        }
+        write_text_atomic(run.environment, json.dumps(env, indent=1))
     if resume:
         step, path = list_checkpoints(run.checkpoints)[-1]
         trainer.resume(path)
@@ -416,6 +433,7 @@ def _fit(
                     f"{t.batch_size * t.grad_accum * accelerator.num_processes} | "
                 )
                 + f"steps {trainer.total_steps}"
+                + f" | peak {trainer.peak.flops / 1e12:.3g} TFLOP/s ({trainer.peak.source.split(':')[0]})"
                 + (" | length-grouped batches" if t.group_by_length and prepared.lengths and not t.max_tokens else ""),
             ]
         ),

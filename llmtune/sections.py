@@ -188,6 +188,11 @@ class TrainSpec(Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     compile: bool = Field(False, description="torch.compile the model (through accelerate, inductor).")
+    fast_kernels: bool = Field(
+        True,
+        description="Train with faster kernels that compute the same function (fused tanh GELU for gelu_new; "
+        "GPT-2's loss without full logits); the saved model is unchanged. false: the model's own code.",
+    )
     seed: int = Field(42, description="Seeds initialisation, data order, dropout, masks and spans.")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps (and at the end).")
     eval_max_batches: int | None = Field(None, ge=1, description="Cap on validation batches mid-run.")

@@ -63,19 +63,23 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
 
-    def log(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def log(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None = None) -> None:
         """Show the values of a log step."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            shown = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_per_s:.0f}"}
+            if mfu is not None:
+                shown["mfu"] = f"{100 * mfu:.1f}%"
+            self.bar.set_postfix(shown, refresh=False)
             return
         done = step - self.start
         elapsed = time.perf_counter() - self.started
         eta = elapsed / done * (self.total - step) if done else 0.0
         print(
             f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:.0f} tok/s | "
-            f"eta {_duration(eta)}",
+            + (f"MFU {100 * mfu:.1f}% | " if mfu is not None else "")
+            + f"eta {_duration(eta)}",
             flush=True,
         )
 

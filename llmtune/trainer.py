@@ -24,11 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtune.atomic import atomic_dir
+from llmtune.atomic import atomic_dir, cache_root
 from llmtune.batching import LengthGroupedSampler, TokenBudgetBatchSampler, longest_first, token_budget_problem
 from llmtune.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from llmtune.errors import UserError
 from llmtune.evaluation import evaluate
+from llmtune.flops import ModelFlops, Peak, device_peak, model_flops
 from llmtune.optim import build_optimizer, build_schedule
 from llmtune.recipe import TrainSpec
 from llmtune.run_dir import FINAL_METRICS, RunDir
@@ -167,11 +168,12 @@ def prepare_training(
 class Window:
     """What accumulates between two log steps: loss (on the device), steps, tokens, examples, time."""
 
-    def __init__(self, device: Any) -> None:
+    def __init__(self, device: Any, flops: ModelFlops | None = None) -> None:
         import torch
 
         self.loss = torch.zeros((), device=device)
         self.steps = self.tokens = self.examples = 0
+        self.model_flops, self.flops = flops, 0.0
         self.start = time.perf_counter()
 
     def add(self, loss: Any, batch: dict[str, Any]) -> None:
@@ -180,6 +182,8 @@ class Window:
         self.loss += loss.detach()
         self.tokens += batch["input_ids"].numel()
         self.examples += batch["input_ids"].shape[0]
+        if self.model_flops is not None:
+            self.flops += batch["input_ids"].numel() * self.model_flops.per_token(batch["input_ids"].shape[-1])
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -192,6 +196,7 @@ class Window:
         """Start the next window."""
         self.loss.zero_()
         self.steps = self.tokens = self.examples = 0
+        self.flops = 0.0
         self.start = time.perf_counter()
 
 
@@ -227,6 +232,10 @@ class Trainer:
         self.modules = modules or []
         self.state = TrainState()
         self._signal: int | None = None
+        # For train/tflops and train/mfu (llmtune/flops.py): the model's FLOPs per token and the device's peak.
+        self.model_flops: ModelFlops = model_flops(accelerator.unwrap_model(parts.model))
+        cache_dir = getattr(getattr(task, "data", None), "cache_dir", None)
+        self.peak: Peak = device_peak(accelerator.device, spec.precision, cache_root(cache_dir))
 
     # --- data order -------------------------------------------------------------------------------
     def _micro_batches(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
@@ -375,12 +384,17 @@ class Trainer:
         if acc.num_processes > 1:
             import torch
 
-            counts = acc.reduce(torch.tensor([window.tokens, window.examples], device=acc.device), "sum")
-            window.tokens, window.examples = (int(c) for c in counts.tolist())
+            counts = acc.reduce(
+                torch.tensor([window.tokens, window.examples, window.flops], dtype=torch.float64, device=acc.device),
+                "sum",
+            )
+            tokens, examples, window.flops = counts.tolist()
+            window.tokens, window.examples = int(tokens), int(examples)
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         st.tokens_seen += window.tokens
         st.examples_seen += window.examples
         st.train_seconds += elapsed
+        self.peak = self.peak.at_least(window.flops / elapsed / acc.num_processes)
         values = {
             "epoch": st.epoch,
             "train/loss": float(loss) / window.steps,
@@ -391,11 +405,16 @@ class Trainer:
             "train/examples": st.examples_seen,
             "train/seconds": st.train_seconds,
             "train/peak_rss_mib": round(peak_rss_mib(), 1),
+            # Achieved model FLOP/s over all ranks, and its share of their summed peak (llmtune/flops.py).
+            "train/tflops": window.flops / elapsed / 1e12,
+            "train/mfu": window.flops / elapsed / (self.peak.flops * acc.num_processes),
         }
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
         self.log.write(st.step, values)
-        progress.log(st.step, values["train/loss"], values["train/lr"], values["train/tokens_per_s"])
+        progress.log(
+            st.step, values["train/loss"], values["train/lr"], values["train/tokens_per_s"], values["train/mfu"]
+        )
         window.reset()
 
     def _evaluate_and_save_if_due(self, progress: Progress) -> bool:
@@ -417,7 +436,7 @@ class Trainer:
         """Train to `total_steps` (or an early stop / a signal), evaluating and checkpointing on schedule."""
         st = self.state
         batches = self._micro_batches()
-        window = Window(self.accelerator.device)
+        window = Window(self.accelerator.device, self.model_flops)
         stopped_early = False
         self.model.train()
         with self._signals_caught():

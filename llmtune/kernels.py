@@ -1,0 +1,209 @@
+"""Faster kernels that compute the same function as the model's own, for training (`train.fast_kernels`).
+
+Two substitutions, both made on the model object in memory only: no parameter, buffer or config key changes,
+so the state dict, `config.json` and `final/` are exactly what the unpatched model saves, and the saved model
+loads and runs with plain transformers.
+
+* **GELU (tanh approximation)**: transformers' `NewGELUActivation` (`gelu_new`: GPT-2, T5 v1.1's gated-gelu,
+  BERT configs that ask for it) is written as seven elementwise tensor operations, each a pass over the
+  activation (and about as many again in backward). torch's `F.gelu(x, approximate="tanh")` is the same formula
+  in one fused kernel (one in backward). The module keeps the original formula in eval mode, so evaluation,
+  prediction and generation give bit-identical outputs; the fused kernel runs only while training.
+* **Causal-LM loss without full logits** (GPT-2 heads: a bias-free `lm_head` on the base model's last hidden
+  state, the model types in `FUSED_LOSS_MODEL_TYPES`): transformers' loss materialises the full
+  (batch, length, vocabulary) logits, a log-softmax of the same size in forward and its gradient in backward.
+  `linear_cross_entropy` computes the same summed cross-entropy chunk by chunk of rows, and the gradients of
+  the hidden states and of the output weight in the same pass (softmax minus one-hot, which is what
+  log-softmax's backward computes), so only one chunk of logits ever exists. Used only when the forward is
+  given labels with gradients enabled in training mode and nothing else the fast path does not handle;
+  every other call (evaluation, generation, `logits_to_keep`, caches) runs the model's own forward.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE = -100
+# Causal LMs whose forward is `lm_head(base(...).last_hidden_state)` with a bias-free lm_head and transformers'
+# ForCausalLMLoss, with nothing in between (no logit scaling or soft-capping): the fused loss is the same function.
+FUSED_LOSS_MODEL_TYPES = frozenset({"gpt2"})
+# Inputs the fast path passes through to the base model; any other keyword sends the call to the model's own forward.
+_FAST_PATH_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "token_type_ids", "use_cache"})
+# Rows of logits per chunk: chunk_rows x vocabulary floats at most (16 MiB of fp32 logits).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _gelu_module() -> Any:
+    import torch
+    import torch.nn.functional as F
+    from transformers.activations import NewGELUActivation
+
+    class FastGELUTanh(NewGELUActivation):
+        """`gelu_new` as torch's fused tanh-approximate GELU while training; the original formula in eval."""
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                return F.gelu(input, approximate="tanh")
+            return super().forward(input)
+
+    del torch
+    return FastGELUTanh
+
+
+def _replace_gelu(model: Any) -> int:
+    """Swap every `NewGELUActivation` submodule for the fused one; how many were swapped."""
+    from transformers.activations import NewGELUActivation
+
+    fast = _gelu_module()
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                replacement = fast()
+                replacement.train(child.training)
+                setattr(parent, name, replacement)
+                swapped += 1
+    # Activations held as plain attributes (not registered submodules) are left as they are: none of the
+    # supported architectures does that, and a missed swap only costs speed.
+    return swapped
+
+
+class _LinearCrossEntropy:
+    """Namespace for the autograd function (built lazily so importing llmtune does not import torch)."""
+
+    function: Any = None
+
+
+def _linear_cross_entropy_function() -> Any:
+    if _LinearCrossEntropy.function is not None:
+        return _LinearCrossEntropy.function
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        """sum_i CE(hidden_i @ weight.T, target_i) / divisor, gradients computed chunk by chunk in forward."""
+
+        @staticmethod
+        def forward(ctx: Any, hidden: Any, weight: Any, targets: Any, divisor: Any, chunk: int) -> Any:
+            compute = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled() else weight.dtype
+            rows = hidden.shape[0]
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            w = weight.to(compute)
+            scale = 1.0 / divisor.to(torch.float32) if torch.is_tensor(divisor) else 1.0 / float(divisor)
+            for start in range(0, rows, chunk):
+                h = hidden[start : start + chunk].to(compute)
+                t = targets[start : start + chunk]
+                logits = (h @ w.t()).float()
+                keep = t != IGNORE
+                safe = torch.where(keep, t, 0)
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, safe[:, None]).squeeze(1)
+                total = total + torch.where(keep, lse - picked, 0.0).sum()
+                # d(loss)/d(logits) = (softmax - onehot) * scale on labelled rows, in place over the chunk's logits.
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
+                grad.mul_((keep.to(grad.dtype) * scale)[:, None])
+                grad_c = grad.to(compute)
+                grad_hidden[start : start + chunk] = (grad_c @ w).to(hidden.dtype)
+                grad_weight.add_((grad_c.t() @ h).float())
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            return total * scale
+
+        @staticmethod
+        def backward(ctx: Any, grad_output: Any) -> Any:
+            grad_hidden, grad_weight = ctx.saved_tensors
+            scale = grad_output.to(grad_hidden.dtype)
+            return grad_hidden * scale, grad_weight * grad_output.to(grad_weight.dtype), None, None, None
+
+    _LinearCrossEntropy.function = LinearCrossEntropy
+    return LinearCrossEntropy
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, divisor: Any = None
+) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` (-100: ignored), over `divisor` (default: the
+    number of labelled targets, i.e. the mean), without materialising the full logits.
+
+    `hidden` is (rows, dim), `targets` (rows,); the logits are made and freed `_CHUNK_ELEMENTS / vocabulary`
+    rows at a time, in fp32 (as transformers' loss upcasts them). Gradients flow to `hidden` and `weight`.
+    """
+    if divisor is None:
+        divisor = (targets != IGNORE).sum().clamp(min=1)
+    chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    return _linear_cross_entropy_function().apply(hidden, weight, targets, divisor, chunk)
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items: Any) -> torch.Tensor:
+    """transformers' `ForCausalLMLoss` on `lm_head(hidden)` (position t predicts labels[t+1]), fused as above."""
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # the last position predicts nothing
+    targets = labels[:, 1:].reshape(-1).to(hidden.device)
+    return linear_cross_entropy(rows, weight, targets, num_items)
+
+
+def _fused_loss_forward(model: Any) -> Any:
+    """A forward for `model` that takes the fused loss on the fast path and the model's own forward otherwise."""
+    original = model.forward
+
+    def forward(self: Any, *args: Any, labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        import torch
+
+        fast = (
+            labels is not None
+            and not args
+            and self.training
+            and torch.is_grad_enabled()
+            and set(kwargs) <= _FAST_PATH_INPUTS
+            and not kwargs.get("use_cache")
+        )
+        weight = self.get_output_embeddings().weight
+        # DeepSpeed ZeRO-3 gathers a partitioned weight only inside its own module's forward: leave it to lm_head.
+        if not fast or hasattr(weight, "ds_id"):
+            return original(*args, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+        kwargs["use_cache"] = False
+        hidden = self.base_model(**kwargs).last_hidden_state
+        loss = causal_lm_loss(hidden, weight, labels, num_items_in_batch)
+        return CausalLMOutputWithCrossAttentions(loss=loss, logits=None)
+
+    return types.MethodType(forward, model)
+
+
+def _fused_loss_applies(model: Any) -> bool:
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (
+        getattr(model.config, "model_type", None) in FUSED_LOSS_MODEL_TYPES
+        and type(model).__name__.endswith("LMHeadModel")
+        and isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and getattr(model.config, "loss_type", None) in (None, "ForCausalLM")
+    )
+
+
+def apply_fast_kernels(model: Any) -> list[str]:
+    """Substitute the faster kernels in `model` (in place; nothing saved changes); what was substituted."""
+    done = []
+    swapped = _replace_gelu(model)
+    if swapped:
+        done.append(f"gelu_new -> fused tanh GELU ({swapped} modules)")
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+    if _fused_loss_applies(inner):
+        inner.forward = _fused_loss_forward(inner)
+        done.append("causal-LM loss -> chunked linear cross-entropy (no full logits)")
+    return done
+
+
+def gelu_new_reference(x: torch.Tensor) -> torch.Tensor:
+    """transformers' `gelu_new` formula, for comparisons in tests."""
+    import torch
+
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
