@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -477,8 +480,6 @@ def launch_two_ranks(*args: str, port: int, timeout: float = 600) -> subprocess.
 
 def run_interrupted(recipe: Path, run_dir: Path, after_step: int = 12, command: str = "pretrain") -> int:
     """Start `llmtune COMMAND` (pretrain), SIGTERM it once `after_step` is logged; return the last logged step."""
-    import signal
-    import time
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmtune", command, str(recipe)],
@@ -523,3 +524,50 @@ def assert_same_tensors(a_file: Path, b_file: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+# --- a real server on loopback ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Server:
+    """`llmtune serve MODEL` in a subprocess on a free loopback port, ready once /health answers 200."""
+
+    def __init__(self, model: Path, *args: str, log: Path) -> None:
+        import httpx
+
+        self.port = free_port()
+        self.log = log
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-m", "llmtune", "serve", str(model), "--port", str(self.port), *args]
+        self.process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, log.read_text()[-3000:]
+            try:
+                health = self.client.get("/health")
+                if health.status_code == 200:
+                    return
+                assert health.json()["status"] == "loading", health.text
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("the server did not become healthy: " + log.read_text()[-3000:])
+
+    def post(self, path: str, body: Any, **headers: str) -> Any:
+        """POST a JSON body; the httpx response."""
+        return self.client.post(path, json=body, headers=headers)
+
+    def stop(self) -> int:
+        """SIGTERM, as a process manager stops it; its exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=120)
+        self.client.close()
+        return code

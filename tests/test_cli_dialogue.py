@@ -17,6 +17,7 @@ from tests.helpers import (
     ADJECTIVES,
     NOUNS,
     VERB_OF,
+    Server,
     read_metrics,
     run_cli,
     run_cli_in_process,
@@ -245,8 +246,6 @@ def test_bad_conversations_are_one_line_exit_2(
 def test_serve_answers_chat_completions_as_chat_does(
     run: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, one_thread_cli: None
 ) -> None:
-    from tests.test_serve import Server
-
     assert run["done"].returncode == 0, run["done"].stderr[-3000:]
     out = run["out"]
     code, stdout, stderr = chat_in_process(capsys, monkeypatch, ["the empty parser"], str(out), "--max-new-tokens", "4")

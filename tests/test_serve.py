@@ -5,11 +5,8 @@ batched results equal to unbatched ones and to `llmtune predict`, streaming, the
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +19,9 @@ httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip ins
 pytest.importorskip("fastapi", reason="llmtune serve needs the serve extra (pip install 'llmtune[serve]')")
 
 from tests.helpers import (  # noqa: E402
+    Server,
     classification_recipe,
+    free_port,
     instruction_pairs,
     instruction_recipe,
     ner_recipe,
@@ -44,45 +43,6 @@ from tests.helpers import (  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread_cli")]
 
 SENTENCES = ["The small parser returns a value.", "The lazy socket returns a value.", "The list returns a value."]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Server:
-    """`llmtune serve MODEL` in a subprocess on a free loopback port, ready once /health answers 200."""
-
-    def __init__(self, model: Path, *args: str, log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "llmtune", "serve", str(model), "--port", str(self.port), *args]
-        self.process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, log.read_text()[-3000:]
-            try:
-                health = self.client.get("/health")
-                if health.status_code == 200:
-                    return
-                assert health.json()["status"] == "loading", health.text
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("the server did not become healthy: " + log.read_text()[-3000:])
-
-    def post(self, path: str, body: Any, **headers: str) -> httpx.Response:
-        return self.client.post(path, json=body, headers=headers)
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=120)
-        self.client.close()
-        return code
 
 
 @pytest.fixture(scope="module")
