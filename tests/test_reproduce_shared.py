@@ -20,7 +20,9 @@ from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
-RECIPES = [ROOT / "recipes" / f"{name}.yaml" for name in ("minilm-sst2", "minilm-conll2003-local", "minilm-semeval2010")]
+RECIPES = [
+    ROOT / "recipes" / f"{name}.yaml" for name in ("minilm-sst2", "minilm-conll2003-local", "minilm-semeval2010")
+]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
