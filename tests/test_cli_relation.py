@@ -241,3 +241,33 @@ def test_resume_grows_the_embeddings_for_the_saved_markers(
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_serve_relates_as_predict_does(run: Path, data: dict[str, Path], one_thread_cli: None) -> None:
+    from llmtune.tasks.relation import parse_marked
+    from tests.helpers import Server
+
+    texts = [r["text"] for r in relation_rows(6, seed=7)]
+    unlabelled = write_jsonl(data["root"] / "serve.jsonl", [{"text": t} for t in texts])
+    out = data["root"] / "serve-predictions.jsonl"
+    assert run_cli("predict", str(run), "--data", str(unlabelled), "--output", str(out)).returncode == 0
+    predicted = [json.loads(line) for line in out.read_text().splitlines()]
+    server = Server(run, log=data["root"] / "serve.log")
+    try:
+        assert server.client.get("/info").json()["labels"] == RELATIONS
+        inline = server.post("/v1/relate", {"text": texts}).json()["results"]
+        parsed = [parse_marked(t) for t in texts]  # the same sentences as plain text and character spans
+        spans = {"text": [p[0] for p in parsed], "e1": [p[1] for p in parsed], "e2": [p[2] for p in parsed]}
+        by_spans = server.post("/v1/relate", spans).json()["results"]
+        unmarked = server.post("/v1/relate", {"text": ["The parser returns a list.", texts[0]]})
+        one_span = server.post("/v1/relate", {"text": parsed[0][0], "e1": parsed[0][1]})
+        elsewhere = server.post("/v1/classify", {"text": "hello"})
+    finally:
+        assert server.stop() == 0
+    assert [r["relation"] for r in inline] == [p["relation"] for p in predicted]
+    for got, want in zip(inline, predicted, strict=True):
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+    assert by_spans == inline
+    assert unmarked.status_code == 422 and "text 0 has no <e1>..</e1> entity" in unmarked.json()["error"]
+    assert one_span.status_code == 422 and "give both entities' spans" in one_span.json()["error"]
+    assert elsewhere.status_code == 404

@@ -21,7 +21,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from llmtune.errors import UserError
 from llmtune.serve.batching import Batcher, Job, Limits, QueueFull
 from llmtune.serve.engine import Engine, GenerationOptions
-from llmtune.serve.schemas import AnswerRequest, ChatRequest, ClassifyRequest, GenerateRequest, TagRequest
+from llmtune.serve.schemas import (
+    AnswerRequest,
+    ChatRequest,
+    ClassifyRequest,
+    GenerateRequest,
+    RelateRequest,
+    TagRequest,
+)
 
 log = logging.getLogger("llmtune.serve")
 OPEN_PATHS = ("/health", "/metrics")  # load balancers and Prometheus reach these without the API key
@@ -106,6 +113,8 @@ class State:
             engine.predict(engine.answer_rows(["warm up?"], ["warm up"]))
         elif engine.endpoint == "tag":
             engine.predict(engine.tag_rows(["warm up"])[0])
+        elif engine.endpoint == "relate":
+            engine.predict(engine.relate_rows(["<e1>warm</e1> <e2>up</e2>"], None, None))
         else:
             engine.predict(engine.classify_rows(["warm up"], None if not engine.task.data.text_pair_column else ["x"]))
         return engine
@@ -128,6 +137,16 @@ def _listed(value: str | list[str], field: str) -> list[str]:
     if not values:
         raise HTTPProblem(422, f"{field}: give at least one text")
     return values
+
+
+def _spans(value: Any, field: str, count: int) -> list[tuple[int, int]] | None:
+    """One [start, end] per text (a single span for a single text), or None."""
+    if value is None:
+        return None
+    spans = [value] if isinstance(value, tuple) else list(value)
+    if len(spans) != count:
+        raise HTTPProblem(422, f"{field}: {len(spans)} spans for {count} texts; give one per text")
+    return spans
 
 
 def _check_length(engine: Engine, texts: list[str], truncate: bool) -> int:
@@ -251,6 +270,23 @@ def create_app(load: Callable[[], Engine], limits: Limits, api_key: str | None =
         rows, spans = engine.tag_rows(texts)
         records = await _submit(state, Job("tag", rows, tokens))
         return {"results": [_entities(r, text, s) for r, text, s in zip(records, texts, spans, strict=True)]}
+
+    @app.post("/v1/relate")
+    async def relate(body: RelateRequest, request: Request) -> dict[str, Any]:
+        engine = _engine(request)
+        _require(engine, "relate")
+        texts = _listed(body.text, "text")
+        e1, e2 = _spans(body.e1, "e1", len(texts)), _spans(body.e2, "e2", len(texts))
+        if (e1 is None) != (e2 is None):
+            raise HTTPProblem(422, "e1, e2: give both entities' spans, or neither and mark them inline")
+        try:
+            rows = engine.relate_rows(texts, e1, e2)
+        except ValueError as exc:
+            raise HTTPProblem(422, f"text: {exc}") from None
+        # Long sentences are cut around the two entities, as in training: no 413 here.
+        tokens = max(engine.length(t) for t in texts)
+        records = await _submit(state, Job("relate", rows, tokens))
+        return {"results": [{"relation": r["relation"], "score": r["score"]} for r in records]}
 
     @app.post("/v1/answer")
     async def answer(body: AnswerRequest, request: Request) -> dict[str, Any]:

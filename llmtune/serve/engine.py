@@ -20,6 +20,7 @@ WORD = re.compile(r"\S+")
 ENDPOINTS = {
     "sequence-classification": "classify",
     "token-classification": "tag",
+    "relation-classification": "relate",
     "question-answering": "answer",
     "seq2seq": "generate",
     "instruction-tuning": "generate",
@@ -67,7 +68,7 @@ class Engine:
 
     @property
     def endpoint(self) -> str:
-        """classify, tag, answer or generate."""
+        """classify, tag, relate, answer or generate."""
         return ENDPOINTS[self.task.name]
 
     @property
@@ -85,7 +86,9 @@ class Engine:
         return getattr(self.task, "max_length", None) or context_length(self.model.config)
 
     def labels(self) -> list[str]:
-        """The classes or tags the model predicts (empty for other tasks)."""
+        """The classes, tags or relations the model predicts (empty for other tasks)."""
+        if self.task.name == "relation-classification":
+            return list(self.task.relations)
         id2label = getattr(self.model.config, "id2label", None) or {}
         return [id2label[k] for k in sorted(id2label)] if self.task.name.endswith("classification") else []
 
@@ -119,6 +122,30 @@ class Engine:
         spans = [[m.span() for m in WORD.finditer(t)] for t in texts]
         rows = [{self.task.data.tokens_column: [t[a:b] for a, b in s]} for t, s in zip(texts, spans, strict=True)]
         return rows, spans
+
+    def relate_rows(
+        self, texts: list[str], e1: list[tuple[int, int]] | None, e2: list[tuple[int, int]] | None
+    ) -> list[dict[str, Any]]:
+        """Rows for relation classification in the columns the run read (inline markers, or spans): from texts with
+        inline `<e1>..</e1>` / `<e2>..</e2>` markers, or plain texts and their [start, end) entity spans. A text
+        without both entities (or with nested, overlapping or out-of-range ones) is a ValueError naming it."""
+        from llmtune.tasks.relation import check_spans, insert_markers, parse_marked
+
+        data = self.task.data
+        rows = []
+        for i, text in enumerate(texts):
+            try:
+                if e1 is None or e2 is None:
+                    clean, a, b = parse_marked(text)
+                else:
+                    clean, (a, b) = text, check_spans(text, e1[i], e2[i])
+            except ValueError as exc:
+                raise ValueError(f"text {i} {exc}") from None
+            if data.e1_span_column is None:
+                rows.append({data.text_column: insert_markers(clean, a, b)})
+            else:
+                rows.append({data.text_column: clean, data.e1_span_column: list(a), data.e2_span_column: list(b)})
+        return rows
 
     def answer_rows(self, questions: list[str], contexts: list[str]) -> list[dict[str, Any]]:
         """Rows for extractive question answering (ids are the row numbers)."""

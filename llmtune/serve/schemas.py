@@ -26,6 +26,19 @@ class TagRequest(_Strict):
     truncate: bool = Field(False, description="Tag what fits (later words get O) instead of answering 413.")
 
 
+class RelateRequest(_Strict):
+    """POST /v1/relate: a sentence with its two entities marked inline (`<e1>..</e1>`, `<e2>..</e2>`), or a plain
+    sentence and the entities' [start, end) character spans; or lists of them."""
+
+    text: str | list[str] = Field(description="A sentence, or a list of sentences.")
+    e1: tuple[int, int] | list[tuple[int, int]] | None = Field(
+        None, description="Entity 1's [start, end) in each text, instead of inline markers."
+    )
+    e2: tuple[int, int] | list[tuple[int, int]] | None = Field(
+        None, description="Entity 2's [start, end) in each text, instead of inline markers."
+    )
+
+
 class AnswerRequest(_Strict):
     """POST /v1/answer: a question and the context holding its answer (or lists of both)."""
 
