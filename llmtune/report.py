@@ -242,8 +242,8 @@ def plot_evals(plt: Any, runs: list[RunRecord], keys: list[str], path: Path) -> 
         _legend(ax)
     for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
-    fig.suptitle("Evaluation metrics on the validation split")
-    fig.tight_layout()
+    fig.suptitle("Evaluation metrics on the validation split", y=1.0)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     _save(fig, path)
     plt.close(fig)
 
@@ -260,7 +260,7 @@ def plot_throughput(plt: Any, runs: list[RunRecord], path: Path) -> None:
         ax.grid(alpha=0.3)
         _legend(ax)
     fig.suptitle("Throughput per log window, all processes (tokens include padding)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     _save(fig, path)
     plt.close(fig)
 
