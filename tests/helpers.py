@@ -130,6 +130,29 @@ def make_task(task: str, labelled: bool = True, **sections: Any) -> Any:
     return get_task(build_recipe(tree, Path.cwd()), labelled)
 
 
+def tiny_gpt2(tokenizer: Any) -> Any:
+    """A randomly initialised 1-layer GPT-2 LM (context 128, no dropout) for the tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        n_positions=128,
+        vocab_size=len(tokenizer),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
 # --- recipes and files ------------------------------------------------------------------------------------------
 
 

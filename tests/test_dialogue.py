@@ -17,6 +17,7 @@ from llmtune.tasks.base import EvalOutputs
 from llmtune.tasks.dialogue import Dialogue, distinct_n, response_metrics
 from llmtune.tasks.dialogue_formats import text_turns
 from llmtune.tasks.token_loss import IGNORE
+from tests.helpers import tiny_gpt2
 
 CHAT = [
     {"role": "user", "content": "two plus two"},
@@ -41,28 +42,6 @@ def tokenizer() -> Any:
     from tests.helpers import synthetic_documents
 
     return train_byte_level_bpe([*synthetic_documents(50), "two plus four three five one add numbers"], 300, 1, [])
-
-
-def tiny_gpt2(tokenizer: Any) -> Any:
-    """A randomly initialised 1-layer GPT-2 LM (context 128, no dropout)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    eos = tokenizer.eos_token_id
-    config = GPT2Config(
-        n_layer=1,
-        n_embd=16,
-        n_head=2,
-        n_positions=128,
-        vocab_size=len(tokenizer),
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    return GPT2LMHeadModel(config).eval()
 
 
 def make(tokenizer: Any, tmp_path: Path, task: str, data: dict[str, Any], section: dict[str, Any] | None = None) -> Any:

@@ -18,6 +18,7 @@ from llmtune.tasks import get_task
 from llmtune.tasks.chat import DEFAULT_CHAT_TEMPLATE
 from llmtune.tasks.generation import cut_at_eos, left_align
 from llmtune.tasks.instruction import InstructionTuning
+from tests.helpers import tiny_gpt2
 
 WORDS = ["<eos>", "<unk>", "Q", "A", "two", "plus", "four", "three", "five", "one"]
 CHAT = [
@@ -46,28 +47,6 @@ def bpe_tokenizer() -> Any:
     from tests.helpers import synthetic_documents
 
     return train_byte_level_bpe([*synthetic_documents(50), "two plus four three five one"], 300, 1, [])
-
-
-def tiny_gpt2(tokenizer: Any) -> Any:
-    """A randomly initialised 1-layer GPT-2 LM (context 128, no dropout) for the tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    eos = tokenizer.eos_token_id
-    config = GPT2Config(
-        n_layer=1,
-        n_embd=16,
-        n_head=2,
-        n_positions=128,
-        vocab_size=len(tokenizer),
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    return GPT2LMHeadModel(config).eval()
 
 
 def make_task(

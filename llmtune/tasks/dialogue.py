@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Any
 from llmtune.data import Required
 from llmtune.errors import UserError
 from llmtune.metrics import generation_metrics
-from llmtune.modeling import context_length
 from llmtune.tasks.base import EvalOutputs, column_values
 from llmtune.tasks.causal_lm import perplexity_metrics
 from llmtune.tasks.dialogue_formats import DEFAULT_COLUMNS, ConversationReader, Messages, last_stretch
 from llmtune.tasks.finetune import FinetuneTask, unwrap
-from llmtune.tasks.generation import cut_at_eos, decode
+from llmtune.tasks.generation import decode
 from llmtune.tasks.instruction import InstructionTuning
 from llmtune.tasks.token_loss import IGNORE
 
@@ -158,18 +157,7 @@ class Dialogue(InstructionTuning):
             width = max(len(p) for p in prompts)
             ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=index.device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=index.device)
-            limit = context_length(inner.config)
-            new_tokens = self.spec.max_new_tokens if limit is None else min(self.spec.max_new_tokens, limit - width)
-            out = inner.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max(new_tokens, 1),
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.eos_id,
-            )
-            generated = cut_at_eos(out[:, width:], [self.eos_id]).tolist()
+            generated = self.greedy(inner, ids, mask).tolist()
             for owner, tokens in zip(owners, generated, strict=True):
                 rows[owner] += [t for t in tokens if t != IGNORE] + [TURN_END]
         longest = max([len(r) for r in rows] + [1])

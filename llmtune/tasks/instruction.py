@@ -228,8 +228,12 @@ class InstructionTuning(FinetuneTask):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             stats = per_example_token_stats(logits[:, :-1], batch["labels"][:, 1:])
             return {"index": batch["index"], "nll": stats["nll"], "tokens": stats["tokens"]}
-        inner = unwrap(model)
         ids, mask = left_align(batch["input_ids"], batch["attention_mask"], self.pad_id)
+        return {"index": batch["index"], "generated": self.greedy(unwrap(model), ids, mask)}
+
+    def greedy(self, inner: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Greedy continuations of left-padded prompts (at most `max_new_tokens`, within the model's context),
+        cut at the first EOS."""
         limit = context_length(inner.config)
         new_tokens = self.spec.max_new_tokens if limit is None else min(self.spec.max_new_tokens, limit - ids.shape[1])
         out = inner.generate(
@@ -241,7 +245,7 @@ class InstructionTuning(FinetuneTask):
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_id,
         )
-        return {"index": batch["index"], "generated": cut_at_eos(out[:, ids.shape[1] :], [self.eos_id])}
+        return cut_at_eos(out[:, ids.shape[1] :], [self.eos_id])
 
     def metrics(self, outputs: EvalOutputs) -> dict[str, float]:
         """Token-weighted loss over the counted (response) tokens, its perplexity, and their number."""
