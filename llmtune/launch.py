@@ -27,7 +27,14 @@ def launched_as_worker() -> bool:
 
 def stop_with_launcher() -> bool:
     """On Linux, have the kernel send this worker SIGTERM when its launcher dies. Returns whether it was set."""
-    if not launched_as_worker() or not sys.platform.startswith("linux"):
+    return launched_as_worker() and die_with_parent()
+
+
+def die_with_parent() -> bool:
+    """On Linux, ask the kernel for SIGTERM when this process's parent dies (kill -9 included); the trainer turns
+    it into a checkpoint and a clean stop. Also the `preexec_fn` of `llmtune sweep`'s trial processes.
+    Returns whether it was set."""
+    if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -35,7 +42,7 @@ def stop_with_launcher() -> bool:
             return False
     except (OSError, AttributeError):
         return False
-    if os.getppid() == 1:  # the launcher died before the request took effect
+    if os.getppid() == 1:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
     return True
 

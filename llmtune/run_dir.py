@@ -22,7 +22,7 @@ import errno
 import fcntl
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,18 +132,7 @@ class RunDir:
 
     def holder(self) -> int | None:
         """The PID of the live process holding this run's lock, or None (no lock file, or nobody holds it)."""
-        if not self.lock_file.is_file():
-            return None
-        with self.lock_file.open("r") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                text = fh.read().strip()
-                return int(text) if text.isdigit() else -1
-            fcntl.flock(fh, fcntl.LOCK_UN)
-        return None
+        return lock_holder(self.lock_file)
 
     def refuse_if_in_use(self) -> None:
         """Refuse (one line) when another live process is writing this run."""
@@ -159,24 +148,50 @@ class RunDir:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the run's lock (an OS `flock`, released when this process exits, however it exits)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                fd = -1
-                self.refuse_if_in_use()
-                raise UserError(
-                    f"output_dir {self.root} is in use by another process; use another output_dir"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
+        with exclusive_lock(self.lock_file, self._refuse_held):
             yield
-        finally:
-            if fd >= 0:
-                os.close(fd)  # releases the lock; the file stays (harmless: only a held lock counts)
+
+    def _refuse_held(self) -> None:
+        self.refuse_if_in_use()
+        raise UserError(f"output_dir {self.root} is in use by another process; use another output_dir")
+
+
+def lock_holder(lock_file: Path) -> int | None:
+    """The PID written in `lock_file` while a live process holds its `flock` (-1 when it wrote none), or None
+    (no such file, or nobody holds it)."""
+    if not lock_file.is_file():
+        return None
+    with lock_file.open("r") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            text = fh.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path, refuse: Callable[[], None]) -> Iterator[None]:
+    """Hold an OS `flock` on `lock_file` with this process's PID written in it (the OS releases it when the
+    process exits, however it exits, so a lock is never stale). When another process holds it, `refuse()`
+    raises the caller's one-line error."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        refuse()
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (harmless: only a held lock counts)
 
 
 def run_dir_of(path: str | Path) -> RunDir | None:

@@ -14,8 +14,6 @@ parameters queued again (the retry resumes the stopped run from its checkpoint).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
 import json
 import math
 import os
@@ -30,7 +28,9 @@ from typing import Any
 
 from llmtune.atomic import write_text_atomic
 from llmtune.errors import UserError
+from llmtune.launch import die_with_parent
 from llmtune.recipe import dump_recipe, load_recipe
+from llmtune.run_dir import exclusive_lock, lock_holder
 from llmtune.sweep_space import Param, Space, load_space, overrides_for
 
 MISSING_EXTRA = "llmtune sweep needs optuna and matplotlib; install them: pip install 'llmtune[sweep]'"
@@ -63,34 +63,18 @@ def _optuna() -> Any:
     return optuna
 
 
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """Hold the sweep directory's lock (an OS `flock`, released when this process ends, however it ends)."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 32).decode(errors="replace").strip()
-        os.close(fd)
-        who = f"process {holder}" if holder.isdigit() else "another process"
+def _locked(root: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the sweep directory's lock (the run directory's kind: an OS `flock` with the holder's PID)."""
+
+    def refuse() -> None:
+        holder = lock_holder(root / ".lock")
+        who = f"process {holder}" if holder is not None and holder > 0 else "another process"
         raise UserError(
             f"sweep directory {root} is in use by {who} (a live llmtune sweep); wait for it to end, or pass "
             "another --output"
-        ) from None
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        os.close(fd)
+        )
 
-
-def _die_with_parent() -> None:
-    """In the trial's process: ask Linux for SIGTERM when the sweep dies (kill -9 included), so that no trial
-    trains on unwatched; SIGTERM makes the trainer save a checkpoint and stop."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    return exclusive_lock(root / ".lock", refuse)
 
 
 class Sweep:
@@ -261,7 +245,7 @@ class Sweep:
         started, pruned_at = time.monotonic(), None
         seen: set[int] = set()
         with log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
             while self.process.poll() is None:
                 time.sleep(_POLL_SECONDS)
                 pruned_at = self._report(trial, run_dir, seen, pruned_at)
