@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
@@ -45,6 +47,18 @@ def die_with_parent() -> bool:
     if os.getppid() == 1:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
     return True
+
+
+@contextlib.contextmanager
+def signals_caught(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` inside the block (a flag to stop cleanly at the next safe point instead of
+    dying mid-write); the previous handlers come back after it."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 _RUNS_INSTEAD = {

@@ -21,14 +21,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmtune.atomic import write_text_atomic
 from llmtune.errors import UserError
-from llmtune.launch import die_with_parent
+from llmtune.launch import die_with_parent, signals_caught
 from llmtune.recipe import dump_recipe, load_recipe
 from llmtune.run_dir import exclusive_lock, lock_holder
 from llmtune.sweep_space import Param, Space, load_space, overrides_for
@@ -292,19 +291,10 @@ class Sweep:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signum)  # the trial saves a checkpoint and stops
 
-    @contextlib.contextmanager
-    def _signals_caught(self) -> Iterator[None]:
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
     # --- the whole sweep ------------------------------------------------------------------------------------
     def run(self) -> int:
         """Run trials until N have finished (or the grid is done, or a signal); write the summary; exit code."""
-        with _locked(self.root), self._signals_caught():
+        with _locked(self.root), signals_caught(self._on_signal):
             study = self._study()
             self._recover(study)
             while self._finished(study) < self.options.trials and self.signal is None:

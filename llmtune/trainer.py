@@ -30,6 +30,7 @@ from llmtune.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from llmtune.errors import UserError
 from llmtune.evaluation import evaluate
 from llmtune.flops import ModelFlops, Peak, device_peak, model_flops
+from llmtune.launch import signals_caught
 from llmtune.optim import build_optimizer, build_schedule
 from llmtune.recipe import TrainSpec
 from llmtune.run_dir import FINAL_METRICS, RunDir
@@ -313,16 +314,6 @@ class Trainer:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signal = signum
 
-    @contextlib.contextmanager
-    def _signals_caught(self) -> Iterator[None]:
-        """SIGINT / SIGTERM set a flag the loop checks after each step, instead of killing it mid-write."""
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
     def _stop_requested(self) -> bool:
         """Whether any rank got a signal (all ranks agree, so they stop at the same step)."""
         if self.accelerator.num_processes == 1:
@@ -439,7 +430,7 @@ class Trainer:
         window = Window(self.accelerator.device, self.model_flops)
         stopped_early = False
         self.model.train()
-        with self._signals_caught():
+        with signals_caught(self._on_signal):
             while st.step < self.total_steps:
                 micro = self._draw(batches)
                 self._accumulate(micro, window)
