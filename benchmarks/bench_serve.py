@@ -593,7 +593,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--max-batch-size", type=int, default=32, help="llmtune serve --max-batch-size.")
     parser.add_argument(
-        "--max-batch-tokens", type=int, default=512, help="llmtune serve --max-batch-tokens (rows x longest row)."
+        "--max-batch-tokens", type=int, default=16384, help="llmtune serve --max-batch-tokens (rows x longest row)."
     )
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="llmtune serve --batch-wait-ms.")
     parser.add_argument("--max-queue", type=int, default=256, help="llmtune serve --max-queue (the sweep).")
