@@ -144,9 +144,10 @@ def trainer_mode(rest: list[str]) -> dict[str, Any]:
 # --- parent ----------------------------------------------------------------------------------------------
 
 
-def write_recipe(args: argparse.Namespace, work: Path, strategy: str, budget: bool = False) -> Path:
+def write_recipe(args: argparse.Namespace, work: Path, strategy: str, budget: bool = False, repeat: int = 1) -> Path:
     """The recipe of one strategy, which both sides read; with `budget` (llmtune only, when --max-tokens is given)
-    its token-budget batches (`train.max_tokens`) and --max-tokens-lr."""
+    its token-budget batches (`train.max_tokens`) and --max-tokens-lr. With --vary-seed, repeat r trains with
+    seed --seed + r - 1 (both sides the same), so accuracy is compared over seeds, not one draw."""
     import yaml
 
     recipe = {
@@ -167,13 +168,14 @@ def write_recipe(args: argparse.Namespace, work: Path, strategy: str, budget: bo
             "schedule": {"kind": "linear", "warmup_steps": args.warmup_steps},
             "weight_decay": 0.0,
             "max_grad_norm": 1.0,
-            "seed": args.seed,
+            "seed": args.seed + (repeat - 1 if args.vary_seed else 0),
             "log_every": 10,
             **({"max_tokens": args.max_tokens} if budget else {}),
         },
         "output_dir": str(work / f"llmtune-{strategy}"),
     }
-    path = work / f"recipe-{strategy}{'-budget' if budget else ''}.yaml"
+    seeded = f"-seed{args.seed + repeat - 1}" if args.vary_seed else ""
+    path = work / f"recipe-{strategy}{'-budget' if budget else ''}{seeded}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
 
@@ -325,6 +327,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--vary-seed",
+        action="store_true",
+        help="Repeat r uses seed --seed + r - 1 on both sides: dev accuracy is then a median over seeds.",
+    )
     parser.add_argument("--strategies", default="full,head,top_k,adapter,lora,ia3")
     parser.add_argument("--sst2", type=Path, default=SST2, help="Folder with train.tsv and dev.tsv.")
     harness.add_parent_options(
@@ -378,14 +385,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipes = {strategy: write_recipe(args, work, strategy) for strategy in args.strategy_list}
         # --max-tokens: llmtune's own recipe (the same data keys, so the same tokenised cache); the Trainer's keeps
-        # batch_size rows and the strategy's rate.
-        mine = {s: write_recipe(args, work, s, budget=True) if args.max_tokens else r for s, r in recipes.items()}
+        # batch_size rows and the strategy's rate. Each run writes its recipe (its seed, with --vary-seed).
         prepared = bench.children.run("prepare", [str(next(iter(recipes.values())))], "prepare")
         runs: list[Run] = []
-        for strategy, recipe in recipes.items():
-            sides = [(LLMTUNE, lambda repeat, s=strategy, r=mine[strategy]: bench.run_llmtune(s, r, repeat))]
+        budget = bool(args.max_tokens)
+        for strategy in recipes:
+            sides = [
+                (
+                    LLMTUNE,
+                    lambda repeat, s=strategy: bench.run_llmtune(
+                        s, write_recipe(args, work, s, budget, repeat), repeat
+                    ),
+                )
+            ]
             if strategy in BOTH_SIDES:
-                sides.append((TRAINER, lambda repeat, s=strategy, r=recipe: bench.run_trainer(s, r, repeat)))
+                sides.append(
+                    (
+                        TRAINER,
+                        lambda repeat, s=strategy: bench.run_trainer(
+                            s, write_recipe(args, work, s, False, repeat), repeat
+                        ),
+                    )
+                )
             runs += harness.alternate(args.repeats, sides, args.quiet_wait, progress)
         bench.check(runs, prepared)
     except BenchError as exc:

@@ -152,10 +152,10 @@ def evaluate_model(model_name: str, args: EvalArgs) -> dict[str, Any] | None:
     quiet_libraries()
     from llmtune.data import load_raw
     from llmtune.evaluation import collect, score
+    from llmtune.lean_encoder import apply_lean_encoder
     from llmtune.metrics import load_metric_modules
     from llmtune.modeling import load_config, load_for_inference
     from llmtune.tasks import get_task
-    from llmtune.unpadded import apply_unpadded
 
     trust = ref.recipe.model.trust_remote_code if ref.recipe is not None else False
     recipe = eval_recipe(ref, args, load_config(ref.model, trust))
@@ -167,7 +167,7 @@ def evaluate_model(model_name: str, args: EvalArgs) -> dict[str, Any] | None:
     # carved off train exactly as training did, if need be
     raw = load_raw(recipe.data, splits=("validation",), columns=task.required_columns())
     model, tokenizer = load_for_inference(ref.model, task.auto_class, task.name, trust, recipe.strategy)
-    apply_unpadded(model)  # BERT-family encoders: dense layers skip the batch's padding (llmtune/unpadded.py)
+    apply_lean_encoder(model)  # BERT-family encoders skip padding and unread work (llmtune/lean_encoder.py)
     task.setup(model, tokenizer)
     prepared = task.prepare(raw, tokenizer)
 

@@ -1,8 +1,10 @@
 """Faster kernels that compute the same function as the model's own, for training (`train.fast_kernels`).
 
-Two substitutions, both made on the model object in memory only: no parameter, buffer or config key changes,
+Three substitutions, all made on the model object in memory only: no parameter, buffer or config key changes,
 so the state dict, `config.json` and `final/` are exactly what the unpatched model saves, and the saved model
-loads and runs with plain transformers.
+loads and runs with plain transformers. The third, BERT-family encoders without wasted work (no dense layer on
+padding, a sequence classifier's last layer for the first token only), lives in `llmtune/lean_encoder.py`
+because inference uses it too.
 
 * **GELU (tanh approximation)**: transformers' `NewGELUActivation` (`gelu_new`: GPT-2, T5 v1.1's gated-gelu,
   BERT configs that ask for it) is written as seven elementwise tensor operations, each a pass over the
@@ -199,6 +201,9 @@ def apply_fast_kernels(model: Any) -> list[str]:
     if _fused_loss_applies(inner):
         inner.forward = _fused_loss_forward(inner)
         done.append("causal-LM loss -> chunked linear cross-entropy (no full logits)")
+    from llmtune.lean_encoder import apply_lean_encoder
+
+    done.extend(apply_lean_encoder(model))
     return done
 
 

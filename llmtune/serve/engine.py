@@ -289,10 +289,10 @@ def load_engine(model: str, task: str | None = None) -> Engine:
     import json
 
     from llmtune.inference import EvalArgs, eval_recipe, resolve_model
+    from llmtune.lean_encoder import apply_lean_encoder
     from llmtune.modeling import load_config, load_for_inference
     from llmtune.run import quiet_libraries
     from llmtune.tasks import get_task
-    from llmtune.unpadded import apply_unpadded
 
     ref = resolve_model(model)
     quiet_libraries()
@@ -306,7 +306,7 @@ def load_engine(model: str, task: str | None = None) -> Engine:
     )
     if hasattr(loaded, "eval"):
         loaded.eval()
-    apply_unpadded(loaded)  # BERT-family encoders: dense layers skip the batch's padding (llmtune/unpadded.py)
+    apply_lean_encoder(loaded)  # BERT-family encoders skip padding and unread work (llmtune/lean_encoder.py)
     labelled_task.setup(loaded, tokenizer)
     metrics = {}
     if ref.run is not None and ref.run.final_metrics.is_file():
