@@ -263,7 +263,7 @@ def report(args: argparse.Namespace, runs: list[Run], source: LlmtuneSource) -> 
     columns = [
         Column("strategy", 8, left=True),
         Column("side", 8, left=True),
-        Column("lr", 7, ".0e"),
+        Column("lr", 8, ".2g"),
         Column("trainable", 10, ","),
         Column("dev acc", 8, ".4f"),
         Column("ex/s", 7, ".1f"),

@@ -166,6 +166,41 @@ def test_nothing_is_fused_where_the_function_would_differ(one_thread: Any) -> No
     assert not any("loss" in d for d in kernels.apply_fast_kernels(bert))
 
 
+def test_keep_mask_draws_independent_bernoulli_elements_from_the_seeded_generator() -> None:
+    torch.manual_seed(3)
+    p, count = 0.1, 1 << 20
+    mask = kernels.keep_mask((count,), p)
+    assert mask.dtype == torch.bool and mask.shape == (count,)
+    sigma = (p * (1 - p) / count) ** 0.5
+    # Both 31-bit halves of each 64-bit word (even and odd elements) keep with probability 1 - p.
+    for part in (mask, mask[0::2], mask[1::2]):
+        assert abs(part.float().mean().item() - (1 - p)) < 6 * sigma * (count / part.numel()) ** 0.5
+    # Neighbours are independent: P(both kept) = (1 - p)^2.
+    both = (mask[:-1] & mask[1:]).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < 6 * sigma * 2
+    torch.manual_seed(3)
+    assert torch.equal(kernels.keep_mask((count,), p), mask)  # reproducible from the seed
+    assert kernels.keep_mask((3, 5, 7), 0.5).shape == (3, 5, 7)  # odd sizes
+
+
+def test_fast_dropout_scales_kept_elements_and_backpropagates_through_the_same_mask() -> None:
+    dropout = torch.nn.Sequential(torch.nn.Dropout(0.25))
+    assert kernels._replace_dropout(dropout) == 1
+    layer = dropout[0]
+    assert isinstance(layer, torch.nn.Dropout) and type(layer).__name__ == "FastDropout"
+    x = torch.randn(64, 33, requires_grad=True)
+    out = layer(x)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] / 0.75)
+    assert 0.6 < kept.float().mean().item() < 0.9
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    layer.eval()
+    assert torch.equal(layer(x), x)
+    # p = 0 dropouts are left alone (nothing to draw)
+    assert kernels._replace_dropout(torch.nn.Sequential(torch.nn.Dropout(0.0))) == 0
+
+
 # --- FLOPs and MFU ----------------------------------------------------------------------------------------------
 
 
