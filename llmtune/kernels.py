@@ -62,22 +62,27 @@ def _gelu_module() -> Any:
     return FastGELUTanh
 
 
+def _swap_modules(model: Any, matches: Any, make: Any) -> int:
+    """Replace every registered submodule `matches(child)` accepts with `make(child)` (same training mode); how
+    many were replaced. Modules held as plain attributes (not registered submodules) are left as they are: none of
+    the supported architectures does that, and a missed swap only costs speed."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if matches(child):
+                replacement = make(child)
+                replacement.train(child.training)
+                setattr(parent, name, replacement)
+                swapped += 1
+    return swapped
+
+
 def _replace_gelu(model: Any) -> int:
     """Swap every `NewGELUActivation` submodule for the fused one; how many were swapped."""
     from transformers.activations import NewGELUActivation
 
     fast = _gelu_module()
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is NewGELUActivation:
-                replacement = fast()
-                replacement.train(child.training)
-                setattr(parent, name, replacement)
-                swapped += 1
-    # Activations held as plain attributes (not registered submodules) are left as they are: none of the
-    # supported architectures does that, and a missed swap only costs speed.
-    return swapped
+    return _swap_modules(model, lambda child: type(child) is NewGELUActivation, lambda _child: fast())
 
 
 def keep_mask(shape: Any, p: float) -> torch.Tensor:
@@ -131,15 +136,11 @@ def _replace_dropout(model: Any) -> int:
     import torch
 
     fast = _dropout_module()
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Dropout and child.p > 0:
-                replacement = fast(child.p, child.inplace)
-                replacement.train(child.training)
-                setattr(parent, name, replacement)
-                swapped += 1
-    return swapped
+    return _swap_modules(
+        model,
+        lambda child: type(child) is torch.nn.Dropout and child.p > 0,
+        lambda child: fast(child.p, child.inplace),
+    )
 
 
 class _LinearCrossEntropy:
