@@ -3,9 +3,9 @@
     python benchmarks/bench_kernels.py [--repeats 8] [--steps 2] [--batch-size 16] [--block-size 128]
 
 The benchmark's model (configs/models/gpt2-tiny.json: GPT-2 4x256, dropout 0.1, vocabulary --vocab-size) is built
-once and copied into five variants: none (the model's own code), gelu (the fused tanh GELU only), loss (the
-causal-LM loss without full logits only), dropout (the cheaper CPU dropout masks only) and all (what
-`train.fast_kernels: true` does to GPT-2). Each variant trains
+once and copied into six variants: none (the model's own code), gelu (the fused tanh GELU only), loss (the
+causal-LM loss without full logits only), dropout (the cheaper CPU dropout masks only), attention (the CPU
+attention with its own dropout masks only) and all (what `train.fast_kernels: true` does to GPT-2). Each variant trains
 with fused AdamW and clipping on the same random batch; after two warm-up steps each, the variants take turns,
 `--steps` steps at a time, `--repeats` times, so drift of a busy machine hits them alike. Printed: each variant's
 median seconds per step and its speed relative to none. The ratio against the stock Trainer is none's ratio (the
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("none", "gelu", "loss", "dropout", "all")
+VARIANTS = ("none", "gelu", "loss", "dropout", "attention", "all")
 
 
 def build(args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
@@ -48,6 +48,9 @@ def build(args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
             model.forward = kernels._fused_loss_forward(model)
         if name in ("dropout", "all"):
             kernels._replace_dropout(model)
+        if name in ("attention", "all"):
+            kernels._register_attention()
+            model.config._attn_implementation = kernels.ATTENTION_NAME
         variants[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
     return variants
 
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in VARIANTS:
         median = statistics.median(times[name])
         print(
-            f"{name:<7} {median:8.3f} s/step (min {min(times[name]):.3f}, max {max(times[name]):.3f})"
+            f"{name:<9} {median:6.3f} s/step (min {min(times[name]):.3f}, max {max(times[name]):.3f})"
             f"  speed vs none {base / median:.3f}"
         )
     return 0

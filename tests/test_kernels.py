@@ -127,6 +127,7 @@ def test_fused_loss_equals_transformers_loss(
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(kernels, "_MIN_CHUNK_ROWS", 1)
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randn(3, 12, 16, generator=gen, requires_grad=True)
     weight = torch.randn(VOCAB, 16, generator=gen, requires_grad=True)
@@ -169,8 +170,10 @@ def test_nothing_is_fused_where_the_function_would_differ(one_thread: Any) -> No
 def test_keep_mask_draws_independent_bernoulli_elements_from_the_seeded_generator() -> None:
     torch.manual_seed(3)
     p, count = 0.1, 1 << 20
-    mask = kernels.keep_mask((count,), p)
-    assert mask.dtype == torch.bool and mask.shape == (count,)
+    weights = kernels.keep_mask((count,), p)
+    assert weights.dtype == torch.float32 and weights.shape == (count,)
+    assert set(weights.unique().tolist()) == {0.0, 1.0}
+    mask = weights.bool()
     sigma = (p * (1 - p) / count) ** 0.5
     # Both 31-bit halves of each 64-bit word (even and odd elements) keep with probability 1 - p.
     for part in (mask, mask[0::2], mask[1::2]):
@@ -179,8 +182,64 @@ def test_keep_mask_draws_independent_bernoulli_elements_from_the_seeded_generato
     both = (mask[:-1] & mask[1:]).float().mean().item()
     assert abs(both - (1 - p) ** 2) < 6 * sigma * 2
     torch.manual_seed(3)
-    assert torch.equal(kernels.keep_mask((count,), p), mask)  # reproducible from the seed
+    assert torch.equal(kernels.keep_mask((count,), p), weights)  # reproducible from the seed
     assert kernels.keep_mask((3, 5, 7), 0.5).shape == (3, 5, 7)  # odd sizes
+    # The integer comparison at the edges: u >= threshold keeps, for every threshold (p near 0 and near 1).
+    assert kernels.keep_mask((4096,), 1e-12).min().item() == 1.0
+    assert kernels.keep_mask((4096,), 1 - 2**-31).max().item() == 0.0
+
+
+def test_dropout_attention_equals_the_formula_with_the_same_mask_and_its_gradients() -> None:
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=gen, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 3, 9, 8, generator=gen)
+    scale, p = 0.3, 0.2
+    attention = kernels._dropout_attention_function()
+    for causal in (True, False):
+        torch.manual_seed(5)
+        out = attention.apply(q, k, v, p, scale, causal)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        torch.manual_seed(5)
+        keep = kernels.keep_mask((2 * 3, 9, 9), p).view(2, 3, 9, 9)  # the same draw, in the same order
+        scores = q @ k.transpose(-1, -2) * scale
+        if causal:
+            scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+        expected = (scores.softmax(-1) * keep / (1 - p)) @ v
+        want = torch.autograd.grad(expected, (q, k, v), grad)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert 0.6 < keep.mean().item() < 0.95
+
+
+def test_gpt2_attention_with_dropout_takes_the_fast_path_only_while_training(tmp_path: Path, one_thread: Any) -> None:
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    keys = dict(TINY_CONFIGS["gpt2"])
+    config = AutoConfig.for_model(keys.pop("model_type"), vocab_size=VOCAB, **{**keys, "attn_pdrop": 0.1})
+    torch.manual_seed(0)
+    original = AutoModelForCausalLM.from_config(config).train()
+    fast = copy.deepcopy(original)
+    assert any("attention" in d for d in kernels.apply_fast_kernels(fast))
+    ids = inputs("gpt2")["input_ids"]
+    calls = []
+    fast_path = kernels._dropout_attention_function()
+    original_apply = fast_path.apply
+    fast_path.apply = lambda *a: calls.append(a[3]) or original_apply(*a)  # type: ignore[method-assign]
+    try:
+        fast(input_ids=ids, labels=ids).loss.backward()
+        assert calls == [0.1] * fast.config.n_layer
+        with torch.no_grad():  # eval: transformers' sdpa, bit-identical to the unpatched model
+            assert torch.equal(fast.eval()(input_ids=ids).logits, original.eval()(input_ids=ids).logits)
+        assert len(calls) == fast.config.n_layer
+    finally:
+        fast_path.apply = original_apply  # type: ignore[method-assign]
+    assert fast.config.to_dict() == original.config.to_dict()
+    fast.save_pretrained(tmp_path / "fast")
+    original.save_pretrained(tmp_path / "original")
+    assert (tmp_path / "fast" / "config.json").read_text() == (tmp_path / "original" / "config.json").read_text()
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fast").config._attn_implementation == "sdpa"
 
 
 def test_fast_dropout_scales_kept_elements_and_backpropagates_through_the_same_mask() -> None:
@@ -195,6 +254,12 @@ def test_fast_dropout_scales_kept_elements_and_backpropagates_through_the_same_m
     assert 0.6 < kept.float().mean().item() < 0.9
     out.sum().backward()
     torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    # backward multiplies by the forward's mask (not a fresh one), for any incoming gradient
+    x.grad = None
+    grad = torch.randn(64, 33)
+    out = layer(x)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, torch.where(out != 0, grad / 0.75, 0.0))
     layer.eval()
     assert torch.equal(layer(x), x)
     # p = 0 dropouts are left alone (nothing to draw)
