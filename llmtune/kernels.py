@@ -1,8 +1,8 @@
 """Faster kernels that compute the same function as the model's own, for training (`train.fast_kernels`).
 
-Four substitutions, all made on the model object in memory only: no parameter, buffer or config key changes,
-so the state dict, `config.json` and `final/` are exactly what the unpatched model saves, and the saved model
-loads and runs with plain transformers. Three are below; the fourth, BERT-family encoders without wasted work (no
+Five substitutions, all made on the model object in memory only: no parameter, buffer or saved config key
+changes, so the state dict, `config.json` and `final/` are exactly what the unpatched model saves, and the saved
+model loads and runs with plain transformers. Four are below; the fifth, BERT-family encoders without wasted work (no
 dense layer on padding, a sequence classifier's last layer for the first token only), lives in
 `llmtune/lean_encoder.py` because inference uses it too.
 
@@ -13,9 +13,14 @@ dense layer on padding, a sequence classifier's last layer for the first token o
   prediction and generation give bit-identical outputs; the fused kernel runs only while training.
 * **Dropout masks from 64-bit words** (every `nn.Dropout`, CPU training only): torch's CPU dropout draws one
   double per element from the serial generator; `keep_mask` takes two 31-bit integers from each 64-bit draw of
-  the same seeded generator, about three times faster, for the same Bernoulli(1 - p) masks. The random stream
-  differs from torch's, so a run's masks differ from the unpatched model's (as they would with another seed).
-  Dropout inside torch's attention kernel (attention probabilities) stays torch's.
+  the same seeded generator, about three times faster, for the same Bernoulli(1 - p) masks, kept as floats so
+  that applying one is a single multiplication. The random stream differs from torch's, so a run's masks differ
+  from the unpatched model's (as they would with another seed).
+* **GPT-2's attention with dropout** (CPU training, no mask tensor): torch's sdpa has no fused CPU kernel with
+  dropout and takes its math path, whose `bernoulli_` over the attention probabilities dominates. `dropout_attention`
+  is registered with transformers as the attention implementation `ATTENTION_NAME` (the config's in-memory
+  `_attn_implementation`, which `config.json` does not hold); it computes the same attention with `keep_mask` and
+  hands every other call (evaluation, masks, caches) to transformers' sdpa.
 * **Causal-LM loss without full logits** (GPT-2 heads: a bias-free `lm_head` on the base model's last hidden
   state, the model types in `FUSED_LOSS_MODEL_TYPES`): transformers' loss materialises the full
   (batch, length, vocabulary) logits, a log-softmax of the same size in forward and its gradient in backward.
