@@ -11,9 +11,10 @@ process on a free 127.0.0.1 port, with the same thread count (`OMP_NUM_THREADS`)
   answering POST /v1/classify in llmtune's JSON schema;
 * `llmtune serve EXPORT` of `llmtune export RUN --quantize int8 --format onnx` (ONNX Runtime).
 
-The load (this process, an asyncio httpx client on loopback): `--requests` POST /v1/classify of real SST-2 dev
-sentences (request i sends dev sentence i) at each `--concurrency` (closed loop: that many clients, each sending
-its next request when the previous is answered), servers alternating per concurrency. Per server x concurrency:
+The load (this process, a minimal asyncio HTTP/1.1 client on loopback, `LoadClient`): `--requests` POST
+/v1/classify of real SST-2 dev sentences (request i sends dev sentence i) at each `--concurrency` (closed loop:
+that many clients, each sending its next request when the previous is answered), servers alternating per
+concurrency. Per server x concurrency:
 requests/s, p50 / p99 latency, non-200 answers by status, client errors, the server's peak RSS during the load
 (/proc/PID/status VmHWM, reset before each load). Labels of llmtune and the baseline must agree on every request.
 Then the overload: an open-loop arrival rate of 2x llmtune's best measured throughput against `llmtune serve`
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -206,27 +208,72 @@ class Answer:
     error: str | None = None
 
 
-async def send(client: Any, index: int, text: str) -> Answer:
+class LoadClient:
+    """The load generator's HTTP/1.1 client: keep-alive connections on asyncio streams, POST JSON, read status,
+    headers and a Content-Length body. Written here rather than httpx's AsyncClient, which spent 1.5 ms of CPU per
+    request on this machine (more than llmtune's whole HTTP handling, 0.4 ms) on the same 2 cores as the servers:
+    a load generator's own cost should not decide the servers' throughput. Every failure (refused, reset, timeout,
+    a malformed answer) raises; the caller counts it against the server."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.host, self.port, self.timeout = host, int(port), timeout
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def __aenter__(self) -> LoadClient:
+        return self
+
+    async def __aexit__(self, *_: Any) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+    async def post(self, path: str, payload: Any) -> tuple[int, dict[str, str], bytes]:
+        """(status, lower-cased headers, body) of POST path with the JSON payload, within the timeout."""
+        return await asyncio.wait_for(self._post(path, json.dumps(payload).encode()), self.timeout)
+
+    async def _post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        try:
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            status = int(head[0].split(" ", 2)[1])
+            headers = {}
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                if name:
+                    headers[name.strip().lower()] = value.strip()
+            data = await reader.readexactly(int(headers.get("content-length", "0")))
+        except BaseException:
+            writer.close()
+            raise
+        if headers.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            self.idle.append((reader, writer))
+        return status, headers, data
+
+
+async def send(client: LoadClient, index: int, text: str) -> Answer:
     """POST /v1/classify {"text": text}; any client-side failure (refused, reset, timeout) is an `error`."""
     started = time.perf_counter()
     try:
-        response = await client.post("/v1/classify", json={"text": text})
+        status, headers, body = await client.post("/v1/classify", {"text": text})
+        label = str(json.loads(body)["results"][0]["label"]) if status == 200 else None
     except Exception as exc:  # every transport failure counts against the server
         return Answer(index, None, time.perf_counter() - started, error=type(exc).__name__)
-    seconds = time.perf_counter() - started
-    label = None
-    if response.status_code == 200:
-        label = str(response.json()["results"][0]["label"])
-    return Answer(index, response.status_code, seconds, label, response.headers.get("retry-after"))
+    return Answer(index, status, time.perf_counter() - started, label, headers.get("retry-after"))
 
 
-def client_for(url: str, connections: int, timeout: float) -> Any:
-    """An async httpx client on loopback with enough connections for every concurrent request (no client-side
-    queueing) and a per-request timeout."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout)
+def client_for(url: str, connections: int, timeout: float) -> LoadClient:
+    """The load client for one server (it opens a connection per concurrent request and keeps them alive;
+    `connections` is how many the load will hold at most)."""
+    del connections  # one per request in flight, made on demand
+    return LoadClient(url, timeout)
 
 
 async def closed_loop(url: str, texts: list[str], concurrency: int, timeout: float) -> tuple[list[Answer], float]:
@@ -498,7 +545,7 @@ def report(
         f"\nllmtune serve: all-MiniLM-L6-v2 SST-2 classifier ({args.model_note}); dev accuracy "
         f"{'n/a' if accuracy is None else format(accuracy, '.4f')} (final_metrics.json)",
         f"llmtune {source.version}, imported from {source.path}; {args.threads} threads per server "
-        f"(OMP_NUM_THREADS) on {os.cpu_count()} CPUs; client: this process, asyncio + httpx on loopback",
+        f"(OMP_NUM_THREADS) on {os.cpu_count()} CPUs; client: this process, asyncio streams on loopback",
         f"llmtune serve --max-batch-size {args.max_batch_size} --max-batch-tokens {args.max_batch_tokens} "
         f"--batch-wait-ms {args.batch_wait_ms:g} "
         f"--max-queue {args.max_queue}; baseline: plain transformers fp32, one request per forward, one at a time",
@@ -588,8 +635,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        default=max(1, (os.cpu_count() or 2) // 2),
-        help="Intra-op threads per server (OMP_NUM_THREADS); default half the CPUs, the rest for the client.",
+        default=os.cpu_count() or 1,
+        help="Intra-op threads per server process (OMP_NUM_THREADS); default every CPU, for each server in turn.",
     )
     parser.add_argument("--max-batch-size", type=int, default=32, help="llmtune serve --max-batch-size.")
     parser.add_argument(
@@ -621,7 +668,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--concurrency values and --requests must be at least 1")
     if args.model is not None and not (args.model / "final_metrics.json").is_file():
         parser.error(f"--model {args.model}: not a finished llmtune run directory (no final_metrics.json)")
-    args.rates = {"full": args.lr}
+    # what bench_sst2.write_recipe reads besides the options above: one seed, fixed-size batches
+    args.rates, args.vary_seed, args.max_tokens, args.max_tokens_lr = {"full": args.lr}, False, None, None
     return args
 
 

@@ -15,7 +15,9 @@ Real tokens get the model's own values to float rounding, and gradients flow the
 model's own modules (so their dropout, and hooks on their dense layers such as bottleneck adapters, still run),
 called in the same order, and attention is torch's scaled-dot-product attention with the model's key mask and
 attention dropout. Positions no head reads (padding; every position but the first under the second saving)
-come out as zeros. Parameters, buffers and config are untouched, so nothing saved changes. Dropout draws its
+come out as zeros. At inference (no gradients) a layer's query, key and value projections run as one matrix
+product on their concatenated weights (cached, rebuilt when a weight changes; not where a projection is wrapped,
+e.g. by LoRA). Parameters, buffers and config are untouched, so nothing saved changes. Dropout draws its
 masks for fewer elements, so in training the random stream differs from the padded forward's (same
 distribution).
 
@@ -106,6 +108,40 @@ def _heads(attn: Any, rows: Any, padded_rows: int, index: Any, batch: int) -> An
     return padded.view(batch, -1, rows.shape[-1] // size, size).transpose(1, 2)
 
 
+def _fused_projection(attn: Any, names: tuple[str, ...]) -> tuple[Any, Any] | None:
+    """At inference (no gradients), the projections `names` of `attn` as one matrix product: their weights and
+    biases concatenated, cached on the module and rebuilt when a weight changes. None where any is not a plain
+    hook-free `nn.Linear` with a bias (a peft LoRA layer, say: its own forward must run) or gradients are on."""
+    import torch
+
+    if torch.is_grad_enabled():
+        return None
+    linears = [getattr(attn, name) for name in names]
+    if any(type(m) is not torch.nn.Linear or _hooked(m) or m.bias is None for m in linears):
+        return None
+    stamp = tuple((id(m.weight), m.weight._version, id(m.bias), m.bias._version) for m in linears)
+    cache = attn.__dict__.setdefault("_llmtune_fused", {})
+    if names not in cache or cache[names][0] != stamp:
+        weight = torch.cat([m.weight for m in linears])
+        bias = torch.cat([m.bias for m in linears])
+        cache[names] = (stamp, weight, bias)
+    return cache[names][1], cache[names][2]
+
+
+def _projected_heads(attn: Any, packed: Any, names: tuple[str, ...], padded_rows: int, index: Any, batch: int) -> Any:
+    """The projections `names` of the packed tokens, each as (batch, heads, length, size) in the padded layout: one
+    matrix product and one scatter where they can be fused, else one each."""
+    import torch.nn.functional as F
+
+    fused = _fused_projection(attn, names)
+    if fused is None:
+        return [_heads(attn, getattr(attn, name)(packed), padded_rows, index, batch) for name in names]
+    rows = F.linear(packed, *fused)
+    padded = rows.new_zeros(padded_rows, rows.shape[-1]).index_copy(0, index, rows)
+    size = attn.attention_head_size
+    return padded.view(batch, -1, len(names), rows.shape[-1] // len(names) // size, size).permute(2, 0, 3, 1, 4)
+
+
 def _layer(layer: Any, packed: Any, index: Any, mask: Any, first: Any) -> Any:
     """One layer on the packed real tokens; with `first` (the packed positions of each row's first token), only
     those tokens' outputs, one row each."""
@@ -113,14 +149,13 @@ def _layer(layer: Any, packed: Any, index: Any, mask: Any, first: Any) -> Any:
 
     attn = layer.attention.self
     batch, length = mask.shape
-    key = _heads(attn, attn.key(packed), batch * length, index, batch)
-    value = _heads(attn, attn.value(packed), batch * length, index, batch)
-    queries = packed if first is None else packed.index_select(0, first)
-    query = attn.query(queries)
     if first is None:
-        query = _heads(attn, query, batch * length, index, batch)
+        query, key, value = _projected_heads(attn, packed, ("query", "key", "value"), batch * length, index, batch)
+        queries = packed
     else:
-        query = query.view(batch, 1, -1, attn.attention_head_size).transpose(1, 2)
+        key, value = _projected_heads(attn, packed, ("key", "value"), batch * length, index, batch)
+        queries = packed.index_select(0, first)
+        query = attn.query(queries).view(batch, 1, -1, attn.attention_head_size).transpose(1, 2)
     dropout = attn.dropout.p if attn.training else 0.0
     context = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask[:, None, None, :], dropout_p=dropout, scale=attn.scaling

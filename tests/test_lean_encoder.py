@@ -187,3 +187,27 @@ def test_key_mask_reads_padding_and_refuses_other_masks() -> None:
     assert bool(lean_encoder.key_mask(None, 2, 3).all())  # no mask built: no padding
     causal = torch.tril(torch.ones(3, 3, dtype=torch.bool))[None, None].expand(2, 1, 3, 3)
     assert lean_encoder.key_mask(causal, 2, 3) is None  # rows differ by query: not a padding mask
+
+
+def test_inference_fuses_query_key_value_and_follows_weight_changes() -> None:
+    import types
+
+    reference, lean = (
+        build("bert", "AutoModelForSequenceClassification"),
+        build("bert", "AutoModelForSequenceClassification"),
+    )
+    lean_encoder.apply_lean_encoder(lean)
+    batch = padded_batch([4, 9, 6])
+    attn = lean.bert.encoder.layer[0].attention.self
+    with torch.no_grad():
+        lean(**batch)
+        assert ("query", "key", "value") in attn.__dict__["_llmtune_fused"]
+        for model in (reference, lean):  # an in-place update, as an optimizer makes: the fused copy follows
+            model.bert.encoder.layer[0].attention.self.key.weight.mul_(1.5)
+        torch.testing.assert_close(lean(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-5)
+    names = ("query", "key", "value")
+    assert lean_encoder._fused_projection(attn, names) is None  # gradients on: each projection's own forward
+    wrapped = types.SimpleNamespace(query=torch.nn.Sequential(attn.query), key=attn.key, value=attn.value)
+    with torch.no_grad():  # a wrapped projection (LoRA's, say) runs its own forward
+        assert lean_encoder._fused_projection(wrapped, names) is None
+        assert lean_encoder._fused_projection(attn, names) is not None
