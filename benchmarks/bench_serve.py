@@ -628,7 +628,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=10, help="Linear warmup of the fine-tune.")
     parser.add_argument("--seed", type=int, default=42, help="Seed of the fine-tune.")
     parser.add_argument("--sst2", type=Path, default=bench_sst2.SST2, help="Folder with train.tsv and dev.tsv.")
-    parser.add_argument("--requests", type=int, default=256, help="Requests per server x concurrency.")
+    parser.add_argument("--requests", type=int, default=1024, help="Requests per server x concurrency.")
     parser.add_argument("--concurrency", default="1,8,32,64", help="Comma-separated client concurrencies.")
     parser.add_argument("--int8-concurrency", default="1,32", help="Concurrencies the int8 export is loaded at.")
     parser.add_argument("--no-int8", action="store_true", help="Do not export and serve the int8 ONNX model.")

@@ -426,3 +426,16 @@ def test_the_listening_socket_gives_connections_tcp_nodelay() -> None:
             server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_length_counts_every_token_whatever_the_model_thread_left_set(runs: dict[str, Path]) -> None:
+    """The length check (413) counts with its own copy of the fast tokenizer: a long text is counted in full even
+    after a batch left the shared tokenizer truncating."""
+    from llmtune.serve.engine import load_engine
+
+    engine = load_engine(str(runs["cls"]))
+    texts = ["the small parser", "", " ".join(["parser"] * 400), "héllo wörld ☃"]
+    engine.predict(engine.classify_rows(texts[:2], None))  # the shared tokenizer now truncates to max_length
+    for text in texts:
+        assert engine.length(text) == len(engine.tokenizer(text, verbose=False)["input_ids"])
+    assert engine.max_length is not None and engine.length(texts[2]) > engine.max_length

@@ -65,6 +65,7 @@ class Engine:
     tokenizer: Any
     recipe: Any
     final_metrics: dict[str, float] = field(default_factory=dict)
+    _counter: Any = field(default=None, repr=False)  # what `length` counts with (False: the tokenizer itself)
 
     @property
     def endpoint(self) -> str:
@@ -93,8 +94,22 @@ class Engine:
         return [id2label[k] for k in sorted(id2label)] if self.task.name.endswith("classification") else []
 
     def length(self, text: str) -> int:
-        """Tokens of one text, special tokens included (for length limits and token budgets)."""
-        return len(self.tokenizer(text, verbose=False)["input_ids"])
+        """Tokens of one text, special tokens included (for length limits and token budgets). Called on the event
+        loop while the model's thread tokenizes too: a fast tokenizer's own copy of its Rust tokenizer, without
+        truncation or padding, counts them (a shared one would have its truncation settings changed by the
+        other thread's calls, and would cost the event loop transformers' per-call overhead)."""
+        if self._counter is None:
+            import copy
+
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            self._counter = False
+            if backend is not None:
+                self._counter = copy.deepcopy(backend)
+                self._counter.no_truncation()
+                self._counter.no_padding()
+        if self._counter is False:
+            return len(self.tokenizer(text, verbose=False)["input_ids"])
+        return len(self._counter.encode(text).ids)
 
     # --- batched predictions --------------------------------------------------------------------------
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
