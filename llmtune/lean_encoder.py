@@ -15,11 +15,11 @@ Real tokens get the model's own values to float rounding, and gradients flow the
 model's own modules (so their dropout, and hooks on their dense layers such as bottleneck adapters, still run),
 called in the same order, and attention is torch's scaled-dot-product attention with the model's key mask and
 attention dropout. Positions no head reads (padding; every position but the first under the second saving)
-come out as zeros. At inference (no gradients) a layer's query, key and value projections run as one matrix
-product on their concatenated weights (cached, rebuilt when a weight changes; not where a projection is wrapped,
-e.g. by LoRA). Parameters, buffers and config are untouched, so nothing saved changes. Dropout draws its
-masks for fewer elements, so in training the random stream differs from the padded forward's (same
-distribution).
+come out as zeros. For `serve` (weights fixed once loaded), at inference a layer's query, key and value
+projections run as one matrix product on their concatenated weights (cached; not where a projection is wrapped,
+e.g. by LoRA); training, `predict` and `eval` run them one by one, as the model does. Parameters, buffers and
+config are untouched, so nothing saved changes. Dropout draws its masks for fewer elements, so in training the
+random stream differs from the padded forward's (same distribution).
 
 transformers has no unpadded path for these models on CPU (its varlen kernels are flash-attention's, on GPU),
 so this walks the model's own `BertLayer`-shaped modules. Any call it does not handle runs the model's own
@@ -110,8 +110,10 @@ def _heads(attn: Any, rows: Any, padded_rows: int, index: Any, batch: int) -> An
 
 def _fused_projection(attn: Any, names: tuple[str, ...]) -> tuple[Any, Any] | None:
     """At inference (no gradients), the projections `names` of `attn` as one matrix product: their weights and
-    biases concatenated, cached on the module and rebuilt when a weight changes. None where any is not a plain
-    hook-free `nn.Linear` with a bias (a peft LoRA layer, say: its own forward must run) or gradients are on."""
+    biases concatenated, cached on the module (rebuilt when a weight's identity or version counter changes: only
+    for models whose weights stay put, as a server's; an optimizer's fused in-place step need not bump the
+    counter). None where any is not a plain hook-free `nn.Linear` with a bias (a peft LoRA layer, say: its own
+    forward must run) or gradients are on."""
     import torch
 
     if torch.is_grad_enabled():
@@ -128,12 +130,14 @@ def _fused_projection(attn: Any, names: tuple[str, ...]) -> tuple[Any, Any] | No
     return cache[names][1], cache[names][2]
 
 
-def _projected_heads(attn: Any, packed: Any, names: tuple[str, ...], padded_rows: int, index: Any, batch: int) -> Any:
-    """The projections `names` of the packed tokens, each as (batch, heads, length, size) in the padded layout: one
-    matrix product and one scatter where they can be fused, else one each."""
+def _projected_heads(
+    attn: Any, packed: Any, names: tuple[str, ...], padded_rows: int, index: Any, batch: int, fuse: bool
+) -> Any:
+    """The projections `names` of the packed tokens, each as (batch, heads, length, size) in the padded layout: with
+    `fuse`, one matrix product and one scatter where they can be fused, else one each."""
     import torch.nn.functional as F
 
-    fused = _fused_projection(attn, names)
+    fused = _fused_projection(attn, names) if fuse else None
     if fused is None:
         return [_heads(attn, getattr(attn, name)(packed), padded_rows, index, batch) for name in names]
     rows = F.linear(packed, *fused)
@@ -142,7 +146,7 @@ def _projected_heads(attn: Any, packed: Any, names: tuple[str, ...], padded_rows
     return padded.view(batch, -1, len(names), rows.shape[-1] // len(names) // size, size).permute(2, 0, 3, 1, 4)
 
 
-def _layer(layer: Any, packed: Any, index: Any, mask: Any, first: Any) -> Any:
+def _layer(layer: Any, packed: Any, index: Any, mask: Any, first: Any, fuse: bool) -> Any:
     """One layer on the packed real tokens; with `first` (the packed positions of each row's first token), only
     those tokens' outputs, one row each."""
     import torch.nn.functional as F
@@ -150,10 +154,12 @@ def _layer(layer: Any, packed: Any, index: Any, mask: Any, first: Any) -> Any:
     attn = layer.attention.self
     batch, length = mask.shape
     if first is None:
-        query, key, value = _projected_heads(attn, packed, ("query", "key", "value"), batch * length, index, batch)
+        query, key, value = _projected_heads(
+            attn, packed, ("query", "key", "value"), batch * length, index, batch, fuse
+        )
         queries = packed
     else:
-        key, value = _projected_heads(attn, packed, ("key", "value"), batch * length, index, batch)
+        key, value = _projected_heads(attn, packed, ("key", "value"), batch * length, index, batch, fuse)
         queries = packed.index_select(0, first)
         query = attn.query(queries).view(batch, 1, -1, attn.attention_head_size).transpose(1, 2)
     dropout = attn.dropout.p if attn.training else 0.0
@@ -167,7 +173,7 @@ def _layer(layer: Any, packed: Any, index: Any, mask: Any, first: Any) -> Any:
     return layer.output(layer.intermediate(attended), attended)
 
 
-def lean_encoder_forward(layers: Any, hidden: Any, mask: Any, first_token_only: bool) -> Any:
+def lean_encoder_forward(layers: Any, hidden: Any, mask: Any, first_token_only: bool, fuse: bool = False) -> Any:
     """The encoder's last hidden state for `hidden` (batch, length, dim) and key mask `mask`: dense layers on real
     tokens only; with `first_token_only`, the last layer for each row's first token only. Positions not computed
     are zeros."""
@@ -181,9 +187,9 @@ def lean_encoder_forward(layers: Any, hidden: Any, mask: Any, first_token_only: 
         if first_token_only and number == last:
             counts = mask.sum(dim=1)
             first = torch.cumsum(counts, 0) - counts  # each row's first token in the packed order
-            out = _layer(layer, packed, index, mask, first)
+            out = _layer(layer, packed, index, mask, first, fuse)
             return torch.cat([out[:, None], out.new_zeros(batch, length - 1, dim)], dim=1)
-        packed = _layer(layer, packed, index, mask, None)
+        packed = _layer(layer, packed, index, mask, None, fuse)
     return packed.new_zeros(batch * length, dim).index_copy(0, index, packed).view(batch, length, dim)
 
 
@@ -198,9 +204,10 @@ def _capturing() -> Any:
     return lambda: bool(_active_collector.get())
 
 
-def apply_lean_encoder(model: Any) -> list[str]:
+def apply_lean_encoder(model: Any, fuse_projections: bool = False) -> list[str]:
     """Route `model`'s encoder through the lean forward (in place; nothing saved changes); what applies (empty
-    where nothing does, the model left as it was)."""
+    where nothing does, the model left as it was). `fuse_projections` (a server's model, whose weights never
+    change after loading): at inference, query, key and value as one matrix product on cached weights."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     capturing = _capturing()
     if capturing is None or not lean_encoder_applies(inner):
@@ -229,7 +236,9 @@ def apply_lean_encoder(model: Any) -> list[str]:
         first_only = first_token_only and mask is not None and bool(mask[:, 0].all())
         if mask is None or (attention_mask is None and not first_only):  # nothing to save: the model's own
             return original(hidden_states, attention_mask, *args, **kwargs)
-        last = lean_encoder_forward(self.layer, hidden_states, mask.to(hidden_states.device), first_only)
+        last = lean_encoder_forward(
+            self.layer, hidden_states, mask.to(hidden_states.device), first_only, fuse=fuse_projections
+        )
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=last)
 
     encoder.forward = types.MethodType(forward, encoder)

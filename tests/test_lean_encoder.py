@@ -50,9 +50,9 @@ def calls_of(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     calls: list[bool] = []
     original = lean_encoder.lean_encoder_forward
 
-    def counted(layers: Any, hidden: Any, mask: Any, first_token_only: bool) -> Any:
+    def counted(layers: Any, hidden: Any, mask: Any, first_token_only: bool, fuse: bool = False) -> Any:
         calls.append(first_token_only)
-        return original(layers, hidden, mask, first_token_only)
+        return original(layers, hidden, mask, first_token_only, fuse)
 
     monkeypatch.setattr(lean_encoder, "lean_encoder_forward", counted)
     return calls
@@ -189,20 +189,20 @@ def test_key_mask_reads_padding_and_refuses_other_masks() -> None:
     assert lean_encoder.key_mask(causal, 2, 3) is None  # rows differ by query: not a padding mask
 
 
-def test_inference_fuses_query_key_value_and_follows_weight_changes() -> None:
+def test_serving_fuses_query_key_value_and_follows_weight_changes() -> None:
     import types
 
     reference, lean = (
         build("bert", "AutoModelForSequenceClassification"),
         build("bert", "AutoModelForSequenceClassification"),
     )
-    lean_encoder.apply_lean_encoder(lean)
+    lean_encoder.apply_lean_encoder(lean, fuse_projections=True)  # as serve loads it
     batch = padded_batch([4, 9, 6])
     attn = lean.bert.encoder.layer[0].attention.self
     with torch.no_grad():
         lean(**batch)
         assert ("query", "key", "value") in attn.__dict__["_llmtune_fused"]
-        for model in (reference, lean):  # an in-place update, as an optimizer makes: the fused copy follows
+        for model in (reference, lean):  # an in-place update that bumps the version: the fused copy follows
             model.bert.encoder.layer[0].attention.self.key.weight.mul_(1.5)
         torch.testing.assert_close(lean(**batch).logits, reference(**batch).logits, atol=1e-5, rtol=1e-5)
     names = ("query", "key", "value")
@@ -211,3 +211,11 @@ def test_inference_fuses_query_key_value_and_follows_weight_changes() -> None:
     with torch.no_grad():  # a wrapped projection (LoRA's, say) runs its own forward
         assert lean_encoder._fused_projection(wrapped, names) is None
         assert lean_encoder._fused_projection(attn, names) is not None
+
+
+def test_training_processes_do_not_fuse_projections() -> None:
+    lean = build("bert", "AutoModelForSequenceClassification")
+    lean_encoder.apply_lean_encoder(lean)  # as training, predict and eval apply it
+    with torch.no_grad():
+        lean(**padded_batch([4, 9, 6]))
+    assert "_llmtune_fused" not in lean.bert.encoder.layer[0].attention.self.__dict__

@@ -321,7 +321,9 @@ def load_engine(model: str, task: str | None = None) -> Engine:
     )
     if hasattr(loaded, "eval"):
         loaded.eval()
-    apply_lean_encoder(loaded)  # BERT-family encoders skip padding and unread work (llmtune/lean_encoder.py)
+    # BERT-family encoders skip padding and unread work; the weights never change here, so query, key and value can
+    # run as one product on cached weights (llmtune/lean_encoder.py)
+    apply_lean_encoder(loaded, fuse_projections=True)
     labelled_task.setup(loaded, tokenizer)
     metrics = {}
     if ref.run is not None and ref.run.final_metrics.is_file():
