@@ -33,6 +33,7 @@ dense layer on padding, a sequence classifier's last layer for the first token o
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 from typing import TYPE_CHECKING, Any
@@ -160,15 +161,7 @@ def _replace_dropout(model: Any) -> int:
     )
 
 
-class _Attention:
-    """Namespace for the attention function (built lazily so importing llmtune does not import torch)."""
-
-    function: Any = None
-
-
-_CAUSAL_BIAS: dict[tuple[int, int, Any], Any] = {}
-
-
+@functools.cache  # built once, lazily, so importing llmtune does not import torch
 def _dropout_attention_function() -> Any:
     """softmax(q k^T * scale + causal) with dropout, then @ v, for CPU training with attention dropout.
 
@@ -178,8 +171,6 @@ def _dropout_attention_function() -> Any:
     the causal mask added inside the first matrix product, the scales folded into the products, and a backward
     written out (softmax's own backward kernel) that recomputes the dropped probabilities instead of saving them.
     """
-    if _Attention.function is not None:
-        return _Attention.function
     import torch
 
     class DropoutAttention(torch.autograd.Function):
@@ -195,7 +186,7 @@ def _dropout_attention_function() -> Any:
                 scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(scale)
             probs = torch.softmax(scores, dim=-1)
             del scores
-            keep = keep_mask(probs.shape, p).to(q.dtype)
+            keep = keep_mask(probs.shape, p)
             ctx.keep_scale = 1.0 / (1.0 - p)
             out = torch.baddbmm(q3.new_empty(()), probs * keep, v3, beta=0, alpha=ctx.keep_scale)
             ctx.save_for_backward(q3, k3, v3, probs, keep)
@@ -216,19 +207,16 @@ def _dropout_attention_function() -> Any:
             grad_k = torch.baddbmm(k3.new_empty(()), grad_scores.transpose(1, 2), q3, beta=0, alpha=ctx.scale)
             return grad_q.view(q_shape), grad_k.view(k_shape), grad_v.view(v_shape), None, None, None
 
-    _Attention.function = DropoutAttention
     return DropoutAttention
 
 
+@functools.cache
 def _causal_bias(length: int, keys: int, dtype: Any) -> torch.Tensor:
     """(length, keys): 0 where a query may attend (key <= query, aligned at the end), -inf elsewhere; cached."""
     import torch
 
-    key = (length, keys, dtype)
-    if key not in _CAUSAL_BIAS:
-        blocked = torch.ones(length, keys, dtype=torch.bool).triu_(keys - length + 1)
-        _CAUSAL_BIAS[key] = torch.zeros(length, keys, dtype=dtype).masked_fill_(blocked, float("-inf"))
-    return _CAUSAL_BIAS[key]
+    blocked = torch.ones(length, keys, dtype=torch.bool).triu_(keys - length + 1)
+    return torch.zeros(length, keys, dtype=dtype).masked_fill_(blocked, float("-inf"))
 
 
 def dropout_attention(
@@ -286,15 +274,8 @@ def _fast_attention_applies(model: Any) -> bool:
     )
 
 
-class _LinearCrossEntropy:
-    """Namespace for the autograd function (built lazily so importing llmtune does not import torch)."""
-
-    function: Any = None
-
-
+@functools.cache  # built once, lazily, so importing llmtune does not import torch
 def _linear_cross_entropy_function() -> Any:
-    if _LinearCrossEntropy.function is not None:
-        return _LinearCrossEntropy.function
     import torch
 
     class LinearCrossEntropy(torch.autograd.Function):
@@ -339,7 +320,6 @@ def _linear_cross_entropy_function() -> Any:
             scale = grad_output.to(grad_hidden.dtype)
             return grad_hidden * scale, grad_weight * grad_output.to(grad_weight.dtype), None, None, None
 
-    _LinearCrossEntropy.function = LinearCrossEntropy
     return LinearCrossEntropy
 
 

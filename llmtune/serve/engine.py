@@ -65,7 +65,19 @@ class Engine:
     tokenizer: Any
     recipe: Any
     final_metrics: dict[str, float] = field(default_factory=dict)
-    _counter: Any = field(default=None, repr=False)  # what `length` counts with (False: the tokenizer itself)
+    # `length` runs on the event loop while the model's thread tokenizes too: a fast tokenizer's own copy of its Rust
+    # tokenizer, without truncation or padding, counts (a shared one has its truncation set by the other thread's
+    # calls, and costs the event loop transformers' per-call overhead); None: the tokenizer itself
+    _counter: Any = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        import copy
+
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            self._counter = copy.deepcopy(backend)
+            self._counter.no_truncation()
+            self._counter.no_padding()
 
     @property
     def endpoint(self) -> str:
@@ -94,20 +106,8 @@ class Engine:
         return [id2label[k] for k in sorted(id2label)] if self.task.name.endswith("classification") else []
 
     def length(self, text: str) -> int:
-        """Tokens of one text, special tokens included (for length limits and token budgets). Called on the event
-        loop while the model's thread tokenizes too: a fast tokenizer's own copy of its Rust tokenizer, without
-        truncation or padding, counts them (a shared one would have its truncation settings changed by the
-        other thread's calls, and would cost the event loop transformers' per-call overhead)."""
+        """Tokens of one text, special tokens included (for length limits and token budgets)."""
         if self._counter is None:
-            import copy
-
-            backend = getattr(self.tokenizer, "backend_tokenizer", None)
-            self._counter = False
-            if backend is not None:
-                self._counter = copy.deepcopy(backend)
-                self._counter.no_truncation()
-                self._counter.no_padding()
-        if self._counter is False:
             return len(self.tokenizer(text, verbose=False)["input_ids"])
         return len(self._counter.encode(text).ids)
 
